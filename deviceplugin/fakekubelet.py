@@ -1,0 +1,188 @@
+"""A stand-in kubelet that speaks the real device-plugin protocol over real unix sockets.
+
+It does what the kubelet's device manager does: serves `Registration` on kubelet.sock, validates
+the request (API version, extended resource name), dials the plugin back synchronously, asks for
+its options, then reads ListAndWatch in the background; capacity counts every device, allocatable
+only the healthy ones, and a stream that ends marks the resource's devices unhealthy. `restart()`
+deletes every socket in the directory and recreates kubelet.sock, as a restarting kubelet does.
+Used by `demo`, the tests and the benchmarks.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from collections.abc import Callable
+from concurrent import futures
+from dataclasses import dataclass, field
+
+import grpc
+
+from deviceplugin.naming import resource_name_error
+from deviceplugin.v1beta1 import api_pb2 as api
+from deviceplugin.v1beta1 import api_pb2_grpc as api_grpc
+
+SUPPORTED_VERSIONS = ("v1beta1",)
+DIAL_TIMEOUT = 10.0
+
+
+@dataclass
+class Endpoint:
+    resource: str
+    socket: str
+    channel: grpc.Channel
+    stub: api_grpc.DevicePluginStub
+    options: api.DevicePluginOptions
+    devices: dict[str, str] = field(default_factory=dict)  # id -> health
+    topology: dict[str, list[int]] = field(default_factory=dict)
+    updates: int = 0
+    connected: bool = True
+    stream: object | None = None
+
+
+class FakeKubelet(api_grpc.RegistrationServicer):
+    def __init__(self, plugin_dir: str) -> None:
+        self.plugin_dir = plugin_dir
+        self.socket = os.path.join(plugin_dir, "kubelet.sock")
+        self.endpoints: dict[str, Endpoint] = {}
+        self.registrations: list[tuple[float, str, str]] = []  # (time, resource, endpoint)
+        self.update_log: list[tuple[float, str, dict[str, str]]] = []  # (monotonic, resource, devices)
+        self._cond = threading.Condition()
+        self._server: grpc.Server | None = None
+
+    # --- lifecycle ------------------------------------------------------------------------------
+    def start(self) -> FakeKubelet:
+        os.makedirs(self.plugin_dir, exist_ok=True)
+        server = grpc.server(futures.ThreadPoolExecutor(max_workers=8, thread_name_prefix="kubelet"))
+        api_grpc.add_RegistrationServicer_to_server(self, server)
+        server.add_insecure_port(f"unix://{self.socket}")
+        server.start()
+        self._server = server
+        return self
+
+    def stop(self) -> None:
+        if self._server is not None:
+            self._server.stop(grace=0).wait()
+            self._server = None
+        with self._cond:
+            endpoints, self.endpoints = list(self.endpoints.values()), {}
+        for ep in endpoints:
+            _close(ep)
+        if os.path.exists(self.socket):
+            os.unlink(self.socket)
+
+    def restart(self) -> None:
+        """Like a kubelet restart: forget every plugin, delete every socket in the dir, serve anew."""
+        self.stop()
+        for name in os.listdir(self.plugin_dir):
+            path = os.path.join(self.plugin_dir, name)
+            if name.endswith(".sock") or _is_socket(path):
+                os.unlink(path)
+        self.start()
+
+    # --- Registration service -------------------------------------------------------------------
+    def Register(self, request: api.RegisterRequest, context: grpc.ServicerContext) -> api.Empty:
+        if request.version not in SUPPORTED_VERSIONS:
+            context.abort(grpc.StatusCode.UNKNOWN, f"Unsupported version {request.version!r}, expected one of {SUPPORTED_VERSIONS}")
+        error = resource_name_error(request.resource_name)
+        if error:
+            context.abort(grpc.StatusCode.UNKNOWN, f"invalid resource name {request.resource_name!r}: {error}")
+        socket = os.path.join(self.plugin_dir, request.endpoint)
+        try:
+            endpoint = self._connect(request.resource_name, socket)
+        except Exception as exc:
+            context.abort(grpc.StatusCode.UNKNOWN, f"cannot connect to device plugin at {socket}: {exc}")
+        with self._cond:
+            old = self.endpoints.get(request.resource_name)
+            self.endpoints[request.resource_name] = endpoint
+            self.registrations.append((time.time(), request.resource_name, request.endpoint))
+            self._cond.notify_all()
+        if old is not None:
+            _close(old)
+        threading.Thread(target=self._watch, args=(endpoint,), daemon=True, name=f"law-{request.resource_name}").start()
+        return api.Empty()
+
+    def _connect(self, resource: str, socket: str) -> Endpoint:
+        channel = grpc.insecure_channel(f"unix://{socket}")
+        grpc.channel_ready_future(channel).result(timeout=DIAL_TIMEOUT)
+        stub = api_grpc.DevicePluginStub(channel)
+        options = stub.GetDevicePluginOptions(api.Empty(), timeout=DIAL_TIMEOUT)
+        return Endpoint(resource, socket, channel, stub, options)
+
+    def _watch(self, ep: Endpoint) -> None:
+        try:
+            ep.stream = ep.stub.ListAndWatch(api.Empty())
+            for response in ep.stream:  # type: ignore[attr-defined]
+                devices = {d.ID: d.health for d in response.devices}
+                with self._cond:
+                    ep.devices = devices
+                    ep.topology = {d.ID: [n.ID for n in d.topology.nodes] for d in response.devices}
+                    ep.updates += 1
+                    self.update_log.append((time.monotonic(), ep.resource, devices))
+                    self._cond.notify_all()
+        except grpc.RpcError:
+            pass
+        with self._cond:
+            ep.connected = False
+            # The kubelet marks a disconnected plugin's devices unhealthy (and drops them after 5 min).
+            ep.devices = {d: "Unhealthy" for d in ep.devices}
+            self._cond.notify_all()
+
+    # --- what the node status would show --------------------------------------------------------
+    def capacity(self) -> dict[str, int]:
+        with self._cond:
+            return {r: len(ep.devices) for r, ep in self.endpoints.items()}
+
+    def allocatable(self) -> dict[str, int]:
+        with self._cond:
+            return {r: sum(1 for h in ep.devices.values() if h == "Healthy") for r, ep in self.endpoints.items()}
+
+    def devices(self, resource: str) -> dict[str, str]:
+        with self._cond:
+            ep = self.endpoints.get(resource)
+            return dict(ep.devices) if ep else {}
+
+    def wait_for(self, predicate: Callable[[FakeKubelet], bool], timeout: float = 10.0) -> bool:
+        deadline = time.monotonic() + timeout
+        with self._cond:  # an RLock: the predicate may call the accessors above
+            while not predicate(self):
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    return False
+                self._cond.wait(min(remaining, 0.05))
+            return True
+
+    # --- calls the kubelet makes on admission ---------------------------------------------------
+    def stub(self, resource: str) -> api_grpc.DevicePluginStub:
+        with self._cond:
+            return self.endpoints[resource].stub
+
+    def allocate(self, resource: str, *device_ids: str) -> api.AllocateResponse:
+        request = api.AllocateRequest(container_requests=[api.ContainerAllocateRequest(devices_ids=list(device_ids))])
+        return self.stub(resource).Allocate(request, timeout=10)
+
+    def preferred(self, resource: str, available: list[str], must_include: list[str], size: int) -> list[str]:
+        request = api.PreferredAllocationRequest(
+            container_requests=[
+                api.ContainerPreferredAllocationRequest(
+                    available_deviceIDs=available, must_include_deviceIDs=must_include, allocation_size=size
+                )
+            ]
+        )
+        return list(self.stub(resource).GetPreferredAllocation(request, timeout=10).container_responses[0].deviceIDs)
+
+
+def _close(ep: Endpoint) -> None:
+    if ep.stream is not None:
+        ep.stream.cancel()  # type: ignore[attr-defined]
+    ep.channel.close()
+
+
+def _is_socket(path: str) -> bool:
+    import stat
+
+    try:
+        return stat.S_ISSOCK(os.lstat(path).st_mode)
+    except OSError:
+        return False

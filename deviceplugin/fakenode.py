@@ -1,0 +1,216 @@
+"""Builds fake nodes: real directories, files and relative symlinks laid out like Linux sysfs and /dev.
+
+Used by `demo`, the tests and the benchmarks, so all three exercise the same reader the daemon runs
+on a real node. Layout (as on Linux):
+
+    sys/devices/pci0000:00/0000:01:00.0/{vendor,device,class,...}
+    sys/bus/pci/devices/0000:01:00.0 -> ../../../devices/pci0000:00/0000:01:00.0
+    .../0000:01:00.0/iommu_group -> ../../../kernel/iommu_groups/13
+    .../0000:01:00.0/driver -> ../../../bus/pci/drivers/vfio-pci
+    sys/kernel/iommu_groups/13/devices/0000:01:00.0 -> ../../../../devices/pci0000:00/0000:01:00.0
+    dev/vfio/vfio, dev/vfio/13   (plain files stand in for the character devices)
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+from deviceplugin.sysfs import is_vfio_driver
+
+DEMO_PCI_IDS = """\
+# A few entries of the pci.ids database, enough for the demo node.
+1002  Advanced Micro Devices, Inc. [AMD/ATI]
+\t73df  Navi 22 [Radeon RX 6700/6700 XT/6750 XT / 6800M/6850M XT]
+\tab28  Navi 21/23 HDMI/DP Audio Controller
+10de  NVIDIA Corporation
+\t1b06  GP102 [GeForce GTX 1080 Ti]
+\t10ef  GP102 HDMI Audio Controller
+\t2484  GA104 [GeForce RTX 3070]
+\t\t1458 4037  GeForce RTX 3070 Gaming OC
+\t228b  GA104 High Definition Audio Controller
+8086  Intel Corporation
+\t4680  AlderLake-S GT1
+\t7ad0  Alder Lake-S HD Audio Controller
+\t7ae2  Alder Lake-S PCH SATA Controller [AHCI Mode]
+C 03  Display controller
+"""
+
+
+@dataclass(frozen=True)
+class Fn:
+    address: str
+    vendor: str
+    device: str
+    class_code: str
+    driver: str | None = None
+    group: str | None = None
+    numa_node: int = -1
+    boot_vga: bool | None = None
+
+
+class FakeNode:
+    """A node under `root`: root/sys, root/dev, root/proc and root/device-plugins."""
+
+    def __init__(self, root: str | Path) -> None:
+        self.root = Path(root)
+        self.sys = self.root / "sys"
+        self.dev = self.root / "dev"
+        self.proc = self.root / "proc"
+        self.plugins = self.root / "device-plugins"
+        for d in ("bus/pci/devices", "bus/pci/drivers", "kernel/iommu_groups", "devices/pci0000:00"):
+            (self.sys / d).mkdir(parents=True, exist_ok=True)
+        (self.dev / "vfio").mkdir(parents=True, exist_ok=True)
+        self.proc.mkdir(parents=True, exist_ok=True)
+        self.plugins.mkdir(parents=True, exist_ok=True)
+
+    # --- host ------------------------------------------------------------------------------------
+    def host(
+        self, iommu: str | None = "dmar0", modules: bool = True, cmdline: str = "BOOT_IMAGE=/vmlinuz intel_iommu=on iommu=pt"
+    ) -> FakeNode:
+        if iommu:
+            (self.sys / "class" / "iommu" / iommu).mkdir(parents=True, exist_ok=True)
+        if modules:
+            for m in ("vfio", "vfio_pci", "vfio_iommu_type1"):
+                (self.sys / "module" / m).mkdir(parents=True, exist_ok=True)
+            (self.dev / "vfio" / "vfio").touch()
+        (self.proc / "cmdline").write_text(cmdline + "\n")
+        return self
+
+    # --- functions -------------------------------------------------------------------------------
+    def device_dir(self, address: str) -> Path:
+        return self.sys / "devices" / f"pci{address[:-8]}:00" / address
+
+    def add(self, fn: Fn, devnode: bool = True) -> FakeNode:
+        d = self.device_dir(fn.address)
+        d.mkdir(parents=True, exist_ok=True)
+        for name, value in (("vendor", fn.vendor), ("device", fn.device), ("subsystem_vendor", fn.vendor), ("subsystem_device", "0000")):
+            (d / name).write_text(f"0x{value}\n")
+        (d / "class").write_text(f"0x{fn.class_code}\n")
+        (d / "numa_node").write_text(f"{fn.numa_node}\n")
+        if fn.class_code.startswith("03"):
+            (d / "boot_vga").write_text("1\n" if fn.boot_vga else "0\n")
+        (self.sys / "devices" / d.parent.name).mkdir(exist_ok=True)
+        _link(self.sys / "bus" / "pci" / "devices" / fn.address, d)
+        if fn.group is not None:
+            self.set_group(fn.address, fn.group)
+        self.bind(fn.address, fn.driver, devnode=devnode)
+        return self
+
+    def add_all(self, fns: list[Fn]) -> FakeNode:
+        for fn in fns:
+            self.add(fn)
+        return self
+
+    def set_group(self, address: str, group: str) -> None:
+        d = self.device_dir(address)
+        gdir = self.sys / "kernel" / "iommu_groups" / group / "devices"
+        gdir.mkdir(parents=True, exist_ok=True)
+        _link(d / "iommu_group", gdir.parent)
+        _link(gdir / address, d)
+
+    def group_of(self, address: str) -> str | None:
+        link = self.device_dir(address) / "iommu_group"
+        return os.path.basename(os.readlink(link)) if link.is_symlink() else None
+
+    def bind(self, address: str, driver: str | None, devnode: bool = True) -> None:
+        """Rebinds a function (None = unbind), keeping /dev/vfio/<group> in step like the kernel does."""
+        d = self.device_dir(address)
+        old = os.path.basename(os.readlink(d / "driver")) if (d / "driver").is_symlink() else None
+        if old:
+            (d / "driver").unlink()
+            (self.sys / "bus" / "pci" / "drivers" / old / address).unlink(missing_ok=True)
+        if driver:
+            ddir = self.sys / "bus" / "pci" / "drivers" / driver
+            ddir.mkdir(parents=True, exist_ok=True)
+            _link(d / "driver", ddir)
+            _link(ddir / address, d)
+        group = self.group_of(address)
+        if group is not None and devnode:
+            self.sync_devnode(group)
+
+    def sync_devnode(self, group: str) -> None:
+        members = os.listdir(self.sys / "kernel" / "iommu_groups" / group / "devices")
+        node = self.dev / "vfio" / group
+        if any(is_vfio_driver(self.driver_of(a)) for a in members):
+            node.touch()
+        else:
+            node.unlink(missing_ok=True)
+
+    def driver_of(self, address: str) -> str | None:
+        link = self.device_dir(address) / "driver"
+        return os.path.basename(os.readlink(link)) if link.is_symlink() else None
+
+    def remove(self, address: str) -> None:
+        """Hot-unplug: the function disappears from every sysfs view."""
+        group = self.group_of(address)
+        self.bind(address, None, devnode=False)
+        (self.sys / "bus" / "pci" / "devices" / address).unlink()
+        if group is not None:
+            (self.sys / "kernel" / "iommu_groups" / group / "devices" / address).unlink()
+            self.sync_devnode(group)
+        shutil.rmtree(self.device_dir(address))
+
+    def write_attr(self, address: str, name: str, value: str) -> None:
+        (self.device_dir(address) / name).write_text(value)
+
+    def add_vfio_cdev(self, address: str, name: str) -> None:
+        (self.device_dir(address) / "vfio-dev" / name).mkdir(parents=True, exist_ok=True)
+        (self.dev / "vfio" / "devices").mkdir(exist_ok=True)
+        (self.dev / "vfio" / "devices" / name).touch()
+        (self.dev / "iommu").touch()
+
+    def cli_args(self, pci_ids: str | Path | None = None) -> list[str]:
+        args = [
+            "--sysfs-root",
+            str(self.sys),
+            "--dev-root",
+            str(self.dev),
+            "--proc-root",
+            str(self.proc),
+            "--device-plugin-dir",
+            str(self.plugins),
+        ]
+        return args + (["--pci-ids", str(pci_ids)] if pci_ids else [])
+
+
+def _link(link: Path, target: Path) -> None:
+    if link.is_symlink() or link.exists():
+        link.unlink()
+    link.symlink_to(os.path.relpath(target, link.parent))
+
+
+def gpu(
+    address: str,
+    device: str,
+    audio: str | None,
+    group: str,
+    vendor: str = "10de",
+    driver: str | None = "vfio-pci",
+    audio_driver: str | None = "vfio-pci",
+    numa_node: int = -1,
+) -> list[Fn]:
+    """A GPU's VGA function and (optionally) its HDMI audio function in one IOMMU group."""
+    fns = [Fn(address, vendor, device, "030000", driver, group, numa_node)]
+    if audio:
+        fns.append(Fn(address[:-1] + "1", vendor, audio, "040300", audio_driver, group, numa_node))
+    return fns
+
+
+def demo_node(root: str | Path) -> FakeNode:
+    """The case this project was born from: an RTX 3070 (VGA 10de:2484 + audio 10de:228b, IOMMU group 13)
+    on vfio-pci, plus a GTX 1080 Ti whose audio function is still on snd_hda_intel, an iGPU and a chipset."""
+    node = FakeNode(root).host()
+    (node.root / "pci.ids").write_text(DEMO_PCI_IDS)
+    node.add_all(
+        [
+            Fn("0000:00:02.0", "8086", "4680", "030000", "i915", "2", 0, boot_vga=True),
+            Fn("0000:00:17.0", "8086", "7ae2", "010601", "ahci", "10", 0),
+            Fn("0000:00:1f.3", "8086", "7ad0", "040300", "snd_hda_intel", "17", 0),
+            *gpu("0000:01:00.0", "2484", "228b", "13", numa_node=0),
+            *gpu("0000:02:00.0", "1b06", "10ef", "14", audio_driver="snd_hda_intel", numa_node=0),
+        ]
+    )
+    return node

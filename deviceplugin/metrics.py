@@ -1,0 +1,64 @@
+"""Prometheus metrics and the small facts /status reports (last Allocate per device, registrations).
+
+Each daemon owns its own registry, so tests and the demo can run several without clashing.
+Recording is a counter increment: cheap enough for the Allocate path.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
+
+PREFIX = "vfio_device_plugin"
+
+
+class Recorder:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.devices = Gauge(f"{PREFIX}_devices", "Devices published per resource and health", ["resource", "health"], registry=r)
+        self.allocations = Counter(f"{PREFIX}_allocations", "Successful Allocate container requests", ["resource"], registry=r)
+        self.allocation_errors = Counter(
+            f"{PREFIX}_allocation_errors", "Refused Allocate container requests", ["resource", "reason"], registry=r
+        )
+        self.registrations = Counter(f"{PREFIX}_registrations", "Successful registrations with the kubelet", ["resource"], registry=r)
+        self.registration_failures = Counter(f"{PREFIX}_registration_failures", "Failed registration attempts", ["resource"], registry=r)
+        self.rescan_seconds = Gauge(f"{PREFIX}_rescan_duration_seconds", "Duration of the last sysfs rescan", registry=r)
+        self.rescan_time = Gauge(f"{PREFIX}_last_rescan_timestamp_seconds", "Unix time of the last sysfs rescan", registry=r)
+        self._lock = threading.Lock()
+        self.last_allocate: dict[str, dict[str, object]] = {}
+        self.last_error: dict[str, str] = {}
+
+    def allocated(self, resource: str, ids: list[str]) -> None:
+        self.allocations.labels(resource).inc()
+        now = time.time()
+        with self._lock:
+            for device_id in ids:
+                self.last_allocate[device_id] = {"resource": resource, "time": now}
+
+    def allocation_failed(self, resource: str, reason: str, message: str) -> None:
+        self.allocation_errors.labels(resource, reason).inc()
+        with self._lock:
+            self.last_error[resource] = message
+
+    def last_allocations(self) -> dict[str, dict[str, object]]:
+        with self._lock:
+            return dict(self.last_allocate)
+
+    def registration(self, resource: str, ok: bool) -> None:
+        (self.registrations if ok else self.registration_failures).labels(resource).inc()
+
+    def rescanned(self, seconds: float) -> None:
+        self.rescan_seconds.set(seconds)
+        self.rescan_time.set(time.time())
+
+    def set_devices(self, counts: dict[str, tuple[int, int]]) -> None:
+        """counts: resource -> (healthy, unhealthy)."""
+        for resource, (healthy, unhealthy) in counts.items():
+            self.devices.labels(resource, "Healthy").set(healthy)
+            self.devices.labels(resource, "Unhealthy").set(unhealthy)
+
+    def exposition(self) -> bytes:
+        return generate_latest(self.registry)

@@ -1,0 +1,154 @@
+"""Names each kind of device as a Kubernetes extended resource, from the pci.ids database.
+
+`short` (default) gives the chip name (`nvidia.com/GA104`); `full` reproduces the names NVIDIA's
+kubevirt-gpu-device-plugin and Harvester publish (`nvidia.com/GA104_GEFORCE_RTX_3070`) so existing
+KubeVirt `permittedHostDevices` keep working. Every name produced here is a valid extended resource name.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+from dataclasses import dataclass, field
+
+PCI_IDS_PATHS = ("/usr/share/misc/pci.ids", "/usr/share/hwdata/pci.ids")
+KNOWN_DOMAINS = {"10de": "nvidia.com", "1002": "amd.com", "8086": "intel.com"}
+NAMINGS = ("short", "full")
+MAX_NAME = 63
+MAX_SOCKET_PATH = 107  # sun_path is 108 bytes including the terminating NUL
+SOCKET_PREFIX = "vfio-dp-"
+
+_QUALIFIED_NAME = re.compile(r"^[A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?$")
+_DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
+
+
+@dataclass
+class PciIds:
+    """The vendor and device names of a pci.ids file (subsystems and classes are not needed)."""
+
+    path: str | None = None
+    vendors: dict[str, str] = field(default_factory=dict)
+    devices: dict[tuple[str, str], str] = field(default_factory=dict)
+
+    def vendor_name(self, vendor: str) -> str | None:
+        return self.vendors.get(vendor)
+
+    def device_name(self, vendor: str, device: str) -> str | None:
+        return self.devices.get((vendor, device))
+
+
+def parse_pci_ids(text: str, path: str | None = None) -> PciIds:
+    db = PciIds(path=path)
+    vendor: str | None = None
+    for line in text.splitlines():
+        if not line or line[0] == "#":
+            continue
+        if line[0] == "\t":
+            if vendor is None or line.startswith("\t\t"):
+                continue
+            dev, _, name = line[1:].partition(" ")
+            if len(dev) == 4:
+                db.devices[(vendor, dev.lower())] = name.strip()
+        elif line.startswith("C "):
+            break  # the device-class section follows; it has no vendor data
+        else:
+            ven, _, name = line.partition(" ")
+            vendor = ven.lower() if len(ven) == 4 else None
+            if vendor is not None:
+                db.vendors[vendor] = name.strip()
+    return db
+
+
+def load_pci_ids(explicit: str | None = None) -> PciIds:
+    """--pci-ids PATH, else the usual system locations; an empty database when none exists.
+
+    An explicit path that cannot be read is an error (the operator asked for it).
+    """
+    if explicit:
+        with open(explicit, encoding="utf-8", errors="replace") as f:
+            return parse_pci_ids(f.read(), explicit)
+    for path in PCI_IDS_PATHS:
+        if os.path.isfile(path):
+            with open(path, encoding="utf-8", errors="replace") as f:
+                return parse_pci_ids(f.read(), path)
+    return PciIds()
+
+
+def vendor_domain(vendor: str, db: PciIds) -> str:
+    if vendor in KNOWN_DOMAINS:
+        return KNOWN_DOMAINS[vendor]
+    name = db.vendor_name(vendor) or ""
+    first = re.sub(r"[^a-z0-9]", "", name.split()[0].lower()) if name.split() else ""
+    return f"{first}.com" if first else f"pci-{vendor}.com"
+
+
+def short_name(device_name: str) -> str:
+    """'GA104 [GeForce RTX 3070]' -> 'GA104'; 'Navi 22 [Radeon ...]' -> 'NAVI_22'."""
+    chip = device_name.split("[", 1)[0]
+    return re.sub(r"[^A-Z0-9]+", "_", chip.upper()).strip("_")
+
+
+def full_name(device_name: str) -> str:
+    """NVIDIA kubevirt-gpu-device-plugin / Harvester compatible: 'GA104 [GeForce RTX 3070]' -> 'GA104_GEFORCE_RTX_3070'."""
+    text = device_name.upper().replace("/", "_").replace(".", "_")
+    text = re.sub(r"\s+", "_", text)
+    text = re.sub(r"[^A-Z0-9_]", "", text)
+    return text.rstrip("_")
+
+
+def clamp_name(name: str) -> str:
+    """Cuts the name part to 63 characters and trims what may not start or end it."""
+    return name[:MAX_NAME].strip("_-.")
+
+
+@dataclass(frozen=True)
+class Naming:
+    resource: str
+    source: str  # "pci.ids", "config rule N", or why it fell back
+
+
+def auto_name(vendor: str, device: str, db: PciIds, naming: str) -> Naming:
+    domain = vendor_domain(vendor, db)
+    dev_name = db.device_name(vendor, device)
+    if dev_name is None:
+        why = "no pci.ids database" if not db.devices else f"{vendor}:{device} is not in pci.ids"
+        return Naming(f"{domain}/{device}", f"fallback to the device id ({why})")
+    part = clamp_name(short_name(dev_name) if naming == "short" else full_name(dev_name))
+    if not part:
+        # Some entries are all brackets or symbols; the other style or the id still gives a usable name.
+        part = clamp_name(full_name(dev_name)) or device
+        return Naming(f"{domain}/{part}", f"pci.ids name {dev_name!r} has no chip part; used {part!r}")
+    return Naming(f"{domain}/{part}", f"pci.ids ({dev_name})")
+
+
+def resource_name_error(name: str) -> str | None:
+    """Why `name` is not a valid extended resource name (the kubelet's check), or None."""
+    if name.count("/") != 1:
+        return "must be <domain>/<name> with exactly one '/'"
+    domain, part = name.split("/")
+    if not domain or len(domain) > 253 or not all(_DNS_LABEL.match(label) for label in domain.split(".")):
+        return f"domain {domain!r} is not a lower-case DNS subdomain"
+    if "." not in domain:
+        return f"domain {domain!r} must be qualified (e.g. example.com)"
+    if domain == "kubernetes.io" or domain.endswith(".kubernetes.io"):
+        return "the kubernetes.io domain is reserved for Kubernetes' own resources"
+    if not part or len(part) > MAX_NAME:
+        return f"name part {part!r} must be 1 to {MAX_NAME} characters"
+    if not _QUALIFIED_NAME.match(part):
+        return f"name part {part!r} must be alphanumerics, '-', '_' or '.', beginning and ending alphanumeric"
+    return None
+
+
+def env_var_name(resource: str) -> str:
+    """KubeVirt's contract: PCI_RESOURCE_ + upper-case name with '/' and '.' replaced by '_'."""
+    return "PCI_RESOURCE_" + resource.upper().replace("/", "_").replace(".", "_")
+
+
+def socket_name(resource: str, plugin_dir: str) -> str:
+    """Our socket's basename for a resource; shortened with a hash if the path would not fit sun_path."""
+    name = SOCKET_PREFIX + resource.replace("/", "_") + ".sock"
+    if len(os.path.join(plugin_dir, name).encode()) <= MAX_SOCKET_PATH:
+        return name
+    digest = hashlib.sha256(resource.encode()).hexdigest()[:12]
+    return f"{SOCKET_PREFIX}{digest}.sock"

@@ -1,0 +1,119 @@
+"""Renders an Inventory for people (`inspect`) and for programs (`inspect --json`, `/status`).
+
+The JSON document is a stable interface (schema in the README); add keys, never rename them.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from deviceplugin import __version__
+from deviceplugin.discovery import GroupReport, Inventory, class_name
+from deviceplugin.naming import PciIds
+
+
+def inventory_json(inv: Inventory, pci_ids: PciIds, naming: str) -> dict[str, Any]:
+    return {
+        "version": __version__,
+        "host": {
+            "iommu_enabled": inv.host.iommu_enabled,
+            "iommu_groups": inv.host.iommu_groups,
+            "iommu_units": list(inv.host.iommu_units),
+            "vfio_modules": dict(inv.host.modules),
+            "vfio_container": inv.host.vfio_container,
+            "iommufd": inv.host.iommufd,
+            "pci_ids": pci_ids.path,
+            "naming": naming,
+            "notes": list(inv.notes),
+        },
+        "groups": [_group_json(g) for g in inv.groups],
+        "resources": {r: [d.id for d in devs if d.healthy] for r, devs in inv.devices.items()},
+        "pools": {r: list(ids) for r, ids in inv.pools.items()},
+        "problems": [{"address": p.address, "reason": p.reason} for p in inv.problems],
+        "ungrouped": [fn.address for fn in inv.ungrouped],
+    }
+
+
+def _group_json(g: GroupReport) -> dict[str, Any]:
+    return {
+        "id": g.id,
+        "viable": g.viable,
+        "offered": g.offered,
+        "resource": g.resource,
+        "device_id": g.primary if g.resource else None,
+        "primary": g.primary,
+        "numa_node": g.numa_node,
+        "naming": g.naming,
+        "selected_by": g.selected_by,
+        "reasons": list(g.reasons),
+        "functions": [
+            {
+                "address": fn.address,
+                "vendor": fn.vendor,
+                "device": fn.device,
+                "class": fn.class_code,
+                "class_name": class_name(fn.class_code),
+                "driver": fn.driver,
+                "name": name,
+                "numa_node": fn.numa_node,
+                "boot_vga": fn.boot_vga,
+            }
+            for fn, name in zip(g.functions, g.names, strict=True)
+        ],
+    }
+
+
+def _yes(flag: bool) -> str:
+    return "yes" if flag else "NO"
+
+
+def inventory_text(inv: Inventory, pci_ids: PciIds, naming: str) -> str:
+    h = inv.host
+    lines = [
+        f"Host: IOMMU {'on' if h.iommu_enabled else 'OFF'} ({h.iommu_groups} groups"
+        f"{'; ' + ', '.join(h.iommu_units) if h.iommu_units else ''}); "
+        + ", ".join(f"{m} {_yes(v)}" for m, v in h.modules.items())
+        + f"; /dev/vfio/vfio {_yes(h.vfio_container)}",
+        f"Names: {naming} naming from {pci_ids.path or 'no pci.ids database (names fall back to device ids)'}",
+    ]
+    lines += [f"NOTE: {n}" for n in inv.notes]
+    lines.append("")
+    lines.append("Offered resources:" if any(d.healthy for ds in inv.devices.values() for d in ds) else "Offered resources: none")
+    for resource, devices in inv.devices.items():
+        healthy = [d.id for d in devices if d.healthy]
+        if healthy:
+            pooled = f" (pools {', '.join(inv.pools[resource])})" if len(inv.pools[resource]) > 1 else ""
+            lines.append(f"  {resource}: {len(healthy)} -> {', '.join(healthy)}{pooled}")
+    others = []
+    for g in inv.groups:
+        if g.primary is None:
+            members = ", ".join(f"{fn.address[5:]} {class_name(fn.class_code)} {fn.driver or '-'}" for fn in g.functions)
+            others.append(f"{g.id} [{members}]")
+            continue
+        lines.append("")
+        lines.extend(_group_text(g))
+    if others:
+        lines += ["", "Groups with no display controller and nothing on vfio-pci (not candidates):"]
+        lines += [f"  group {o}" for o in others]
+    if inv.problems:
+        lines += ["", "Functions skipped because sysfs looks wrong:"]
+        lines += [f"  {p.address}: {p.reason}" for p in inv.problems]
+    return "\n".join(lines) + "\n"
+
+
+def _group_text(g: GroupReport) -> list[str]:
+    if g.offered:
+        head = f"IOMMU group {g.id}: OFFERED as {g.resource}, device ID {g.primary}, NUMA node {g.numa_node}"
+    elif g.resource:
+        head = f"IOMMU group {g.id}: NOT OFFERED (would be {g.resource}); viable: {_yes(g.viable).lower()}"
+    else:
+        head = f"IOMMU group {g.id}: NOT OFFERED; viable: {_yes(g.viable).lower()}"
+    lines = [head]
+    for fn, name in zip(g.functions, g.names, strict=True):
+        lines.append(
+            f"    {fn.address}  {fn.ids}  {class_name(fn.class_code):<14} {fn.driver or '(no driver)':<16} {name or '(not in pci.ids)'}"
+        )
+    if g.naming:
+        lines.append(f"    name: {g.naming}")
+    lines += [f"    why: {r}" for r in g.reasons]
+    return lines

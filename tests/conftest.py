@@ -1,0 +1,78 @@
+"""Shared fixtures: fake nodes in short temp dirs (unix socket paths must stay under 108 bytes),
+the pci.ids fixture, and a harness that runs the real daemon against the test kubelet."""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from deviceplugin.config import Config
+from deviceplugin.daemon import Daemon, Options
+from deviceplugin.discovery import Inventory, discover
+from deviceplugin.fakekubelet import FakeKubelet
+from deviceplugin.fakenode import FakeNode
+from deviceplugin.naming import PciIds, load_pci_ids
+from deviceplugin.sysfs import SysfsScanner
+
+FIXTURES = Path(__file__).parent / "fixtures"
+PCI_IDS_PATH = FIXTURES / "pci.ids"
+
+
+@pytest.fixture(scope="session")
+def pci_ids() -> PciIds:
+    return load_pci_ids(str(PCI_IDS_PATH))
+
+
+@pytest.fixture
+def node() -> Iterator[FakeNode]:
+    root = tempfile.mkdtemp(prefix="vdp", dir="/tmp")
+    try:
+        yield FakeNode(root).host()
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def inventory_of(node: FakeNode, pci_ids: PciIds, config: Config | None = None) -> Inventory:
+    return discover(SysfsScanner(str(node.sys), str(node.dev)).scan(), config or Config(), pci_ids)
+
+
+class Harness:
+    """The real Daemon in a thread plus a FakeKubelet on the same device-plugin dir."""
+
+    def __init__(self, node: FakeNode, pci_ids: PciIds, config: Config | None = None, rescan_interval: float = 0.2) -> None:
+        self.node = node
+        self.kubelet = FakeKubelet(str(node.plugins))
+        options = Options(str(node.sys), str(node.dev), str(node.proc), str(node.plugins), rescan_interval)
+        self.daemon = Daemon(options, config or Config(), pci_ids)
+        self.stop_event = threading.Event()
+        self.thread = threading.Thread(target=self.daemon.run, args=(self.stop_event,), daemon=True, name="daemon")
+
+    def start(self, kubelet: bool = True) -> Harness:
+        if kubelet:
+            self.kubelet.start()
+        self.thread.start()
+        return self
+
+    def close(self) -> None:
+        self.stop_event.set()
+        self.daemon.notify("stop")
+        self.thread.join(timeout=10)
+        self.kubelet.stop()
+
+    def wait_devices(self, resource: str, expected: dict[str, str], timeout: float = 10.0) -> None:
+        ok = self.kubelet.wait_for(lambda k: k.devices(resource) == expected, timeout)
+        assert ok, f"kubelet sees {self.kubelet.devices(resource)} for {resource}, expected {expected}"
+
+
+@pytest.fixture
+def harness(node: FakeNode, pci_ids: PciIds) -> Iterator[Harness]:
+    h = Harness(node, pci_ids)
+    try:
+        yield h
+    finally:
+        h.close()

@@ -1,0 +1,62 @@
+"""Config parsing: what is accepted, and that every error names the key and the problem."""
+
+from __future__ import annotations
+
+import pytest
+
+from deviceplugin.config import ConfigError, load_config, parse_config
+
+
+def test_defaults():
+    config = load_config(None)
+    assert (config.naming, config.classes, config.rules) == ("short", ("03",), ())
+
+
+def test_full_config_round_trip(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text(
+        'naming: full\nclasses: ["03", "0108"]\nrules:\n'
+        '  - {vendor: "10DE", device: "2484", resource: nvidia.com/rtx3070}\n'
+        '  - {address: "01:00.0", exclude: true}\n'
+        '  - {driver: vfio-pci, class: "0c03"}\n'
+    )
+    config = load_config(str(path))
+    assert config.naming == "full" and config.classes == ("03", "0108")
+    assert config.rules[0].selector == {"vendor": "10de", "device": "2484"}
+    assert config.rules[0].resource == "nvidia.com/rtx3070"
+    assert config.rules[1].selector == {"address": "0000:01:00.0"} and config.rules[1].exclude
+    assert load_config(str(path), naming_override="short").naming == "short"
+
+
+@pytest.mark.parametrize(
+    ("data", "message"),
+    [
+        ({"nameing": "short"}, "unknown key(s) nameing"),
+        ({"naming": "long"}, "naming: must be one of short, full"),
+        ({"classes": "03"}, "classes: must be a list"),
+        ({"classes": [300]}, "classes[0]: quote hex ids"),
+        ({"rules": [{"vendor": "10de", "resource": "GA104"}]}, "rules[0].resource: invalid extended resource name 'GA104'"),
+        ({"rules": [{"vendor": "10de", "resource": "nvidia.com/" + "x" * 70}]}, "rules[0].resource"),
+        ({"rules": [{"resource": "nvidia.com/x"}]}, "rules[0]: needs at least one selector"),
+        ({"rules": [{"vendor": "10de", "colour": "green"}]}, "rules[0]: unknown key(s) colour"),
+        ({"rules": [{"device": "24840"}]}, "rules[0].device: '24840' must be 4 hex digits"),
+        ({"rules": [{"address": "1:0.0"}]}, "rules[0].address: '1:0.0' is not a PCI address"),
+        ({"rules": [{"vendor": "10de", "exclude": "yes"}]}, "rules[0].exclude: must be true or false"),
+        ({"rules": [{"vendor": "10de", "exclude": True, "resource": "a.com/b"}]}, "contradict"),
+        (["not", "a", "mapping"], "top level must be a mapping"),
+    ],
+)
+def test_errors_name_the_key(data, message):
+    with pytest.raises(ConfigError) as err:
+        parse_config(data, source="cfg.yaml")
+    assert message in str(err.value)
+    assert str(err.value).startswith("cfg.yaml")
+
+
+def test_bad_yaml_and_missing_file(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("rules: [\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(str(bad))
+    with pytest.raises(ConfigError, match="cannot read"):
+        load_config(str(tmp_path / "absent.yaml"))

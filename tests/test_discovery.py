@@ -1,0 +1,242 @@
+"""Discovery on fake sysfs trees: grouping, viability, primary function, naming and reasons."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+from conftest import inventory_of
+
+from deviceplugin.config import parse_config
+from deviceplugin.discovery import Inventory
+from deviceplugin.fakenode import FakeNode, Fn, gpu
+from deviceplugin.sysfs import SysfsScanner
+
+
+def offered(inv: Inventory) -> dict[str, list[str]]:
+    return {r: [d.id for d in devs if d.healthy] for r, devs in inv.devices.items() if any(d.healthy for d in devs)}
+
+
+def group(inv: Inventory, gid: str):  # noqa: ANN201
+    return next(g for g in inv.groups if g.id == gid)
+
+
+def turing(node: FakeNode, usb_driver: str = "vfio-pci") -> None:
+    node.add_all([
+        Fn("0000:2b:00.0", "10de", "1e84", "030000", "vfio-pci", "14"),
+        Fn("0000:2b:00.1", "10de", "10f8", "040300", "vfio-pci", "14"),
+        Fn("0000:2b:00.2", "10de", "1ad8", "0c0330", usb_driver, "14"),
+        Fn("0000:2b:00.3", "10de", "1ad9", "0c8000", "vfio-pci", "14"),
+    ])
+
+
+def test_rtx3070_group_13_is_one_device_named_ga104(node, pci_ids):
+    node.add_all(gpu("0000:01:00.0", "2484", "228b", "13", numa_node=0))
+    inv = inventory_of(node, pci_ids)
+    assert offered(inv) == {"nvidia.com/GA104": ["0000:01:00.0"]}
+    g = group(inv, "13")
+    assert (g.viable, g.offered, g.reasons, g.primary, g.numa_node) == (True, True, (), "0000:01:00.0", 0)
+    assert [f.address for f in g.functions] == ["0000:01:00.0", "0000:01:00.1"]
+    assert g.names == ("GA104 [GeForce RTX 3070]", "GA104 High Definition Audio Controller")
+
+
+def test_turing_four_functions_on_vfio_are_one_device(node, pci_ids):
+    turing(node)
+    inv = inventory_of(node, pci_ids)
+    assert offered(inv) == {"nvidia.com/TU104": ["0000:2b:00.0"]}
+    assert inv.devices["nvidia.com/TU104"][0].addresses == ("0000:2b:00.0", "0000:2b:00.1", "0000:2b:00.2", "0000:2b:00.3")
+
+
+def test_turing_usb_function_on_xhci_makes_the_group_not_viable(node, pci_ids):
+    turing(node, usb_driver="xhci_hcd")
+    inv = inventory_of(node, pci_ids)
+    assert offered(inv) == {}
+    g = group(inv, "14")
+    assert not g.viable and not g.offered
+    assert len(g.reasons) == 1
+    assert "0000:2b:00.2" in g.reasons[0] and "xhci_hcd" in g.reasons[0]
+    assert "echo vfio-pci > /sys/bus/pci/devices/0000:2b:00.2/driver_override" in g.reasons[0]
+
+
+def test_root_port_on_pcieport_inside_the_gpu_group_is_viable(node, pci_ids):
+    node.add(Fn("0000:00:01.0", "8086", "1901", "060400", "pcieport", "1"))
+    node.add_all(gpu("0000:01:00.0", "1401", "0fba", "1"))
+    inv = inventory_of(node, pci_ids)
+    assert offered(inv) == {"nvidia.com/GM206": ["0000:01:00.0"]}
+
+
+def test_a_non_bridge_on_pcieport_still_blocks(node, pci_ids):
+    node.add(Fn("0000:00:01.0", "8086", "1901", "088000", "pcieport", "1"))
+    node.add_all(gpu("0000:01:00.0", "1401", "0fba", "1"))
+    assert offered(inventory_of(node, pci_ids)) == {}
+
+
+def test_two_gpus_in_one_group_are_one_device_with_the_lowest_address(node, pci_ids):
+    node.add(Fn("0000:12:00.0", "10de", "2330", "030200", "vfio-pci", "29"))
+    node.add(Fn("0000:11:00.0", "10de", "2330", "030200", "vfio-pci", "29"))
+    inv = inventory_of(node, pci_ids)
+    assert offered(inv) == {"nvidia.com/GH100": ["0000:11:00.0"]}
+    assert inv.devices["nvidia.com/GH100"][0].addresses == ("0000:11:00.0", "0000:12:00.0")
+
+
+def test_amd_gpu_is_named_under_amd_com(node, pci_ids):
+    node.add_all(gpu("0000:03:00.0", "73df", "ab28", "15", vendor="1002"))
+    assert offered(inventory_of(node, pci_ids)) == {"amd.com/NAVI_22": ["0000:03:00.0"]}
+
+
+def test_gpu_sharing_a_chipset_group_with_host_devices_is_not_viable(node, pci_ids):
+    node.add_all([
+        Fn("0000:02:00.1", "1022", "43c8", "010601", "ahci", "15"),
+        Fn("0000:02:00.2", "1022", "43c6", "060400", "pcieport", "15"),
+        Fn("0000:05:00.0", "10ec", "8125", "020000", "r8169", "15"),
+        *gpu("0000:06:00.0", "128b", "0e0f", "15"),
+    ])
+    inv = inventory_of(node, pci_ids)
+    assert offered(inv) == {}
+    reasons = " ".join(group(inv, "15").reasons)
+    assert "0000:02:00.1" in reasons and "ahci" in reasons
+    assert "0000:05:00.0" in reasons and "r8169" in reasons
+    assert "0000:02:00.2" not in reasons  # the bridge on pcieport is fine
+
+
+def test_no_iommu_offers_nothing_and_says_so(tmp_path, pci_ids):
+    node = FakeNode(tmp_path).host(iommu=None)
+    node.add_all([Fn(f.address, f.vendor, f.device, f.class_code, f.driver, None) for f in gpu("0000:01:00.0", "2484", "228b", "13")])
+    inv = inventory_of(node, pci_ids)
+    assert offered(inv) == {} and inv.groups == ()
+    assert not inv.host.iommu_enabled
+    assert any("IOMMU is off" in n and "intel_iommu=on" in n for n in inv.notes)
+    assert [f.address for f in inv.ungrouped] == ["0000:01:00.0", "0000:01:00.1"]
+
+
+def test_primary_with_no_driver_is_not_offered(node, pci_ids):
+    node.add_all(gpu("0000:01:00.0", "2484", "228b", "13", driver=None))
+    inv = inventory_of(node, pci_ids)
+    assert offered(inv) == {}
+    g = group(inv, "13")
+    assert g.viable and "bound to no driver" in g.reasons[0]
+
+
+def test_missing_dev_vfio_node_is_not_offered(node, pci_ids):
+    node.add_all(gpu("0000:01:00.0", "2484", "228b", "13"))
+    os.unlink(node.dev / "vfio" / "13")
+    inv = inventory_of(node, pci_ids)
+    assert offered(inv) == {}
+    assert "/dev/vfio/13 is missing" in group(inv, "13").reasons[0]
+
+
+def test_vfio_pci_variant_drivers_count_as_vfio(node, pci_ids):
+    node.add(Fn("0000:09:01.0", "10de", "2330", "030200", "nvgrace_gpu_vfio_pci", "40"))
+    node.sync_devnode("40")
+    assert offered(inventory_of(node, pci_ids)) == {"nvidia.com/GH100": ["0000:09:01.0"]}
+
+
+def test_pci_stub_and_unbound_siblings_keep_the_group_viable(node, pci_ids):
+    node.add_all(gpu("0000:01:00.0", "2484", "228b", "13", audio_driver="pci-stub"))
+    node.add(Fn("0000:01:00.2", "10de", "1ad8", "0c0330", None, "13"))
+    assert offered(inventory_of(node, pci_ids)) == {"nvidia.com/GA104": ["0000:01:00.0"]}
+
+
+def test_vfio_bound_nvme_is_reported_until_a_rule_selects_it(node, pci_ids):
+    node.add(Fn("0000:02:00.0", "144d", "a808", "010802", "vfio-pci", "19"))
+    inv = inventory_of(node, pci_ids)
+    assert offered(inv) == {}
+    assert 'add the config rule {class: "0108"}' in group(inv, "19").reasons[0]
+    config = parse_config({"rules": [{"class": "0108"}]})
+    inv = inventory_of(node, pci_ids, config)
+    assert offered(inv) == {"samsung.com/NVME_SSD_CONTROLLER_SM981_PM981_PM983": ["0000:02:00.0"]}
+    assert group(inv, "19").selected_by == "config rule 0 (class=0108)"
+
+
+def test_extra_classes_and_exclude_rules(node, pci_ids):
+    node.add(Fn("0000:41:00.0", "15b3", "101d", "020000", "vfio-pci", "30"))
+    node.add_all(gpu("0000:01:00.0", "2484", "228b", "13"))
+    node.add_all(gpu("0000:02:00.0", "2484", "228b", "14"))
+    config = parse_config({"classes": ["03", "02"], "rules": [{"address": "0000:02:00.1", "exclude": True}]})
+    inv = inventory_of(node, pci_ids, config)
+    assert offered(inv) == {"mellanox.com/MT2892_FAMILY": ["0000:41:00.0"], "nvidia.com/GA104": ["0000:01:00.0"]}
+    assert group(inv, "14").reasons == ("excluded by config rule 0 (address=0000:02:00.1)",)
+
+
+def test_config_rule_renames_and_pools_two_device_ids(node, pci_ids):
+    node.add_all(gpu("0000:01:00.0", "2484", "228b", "13"))
+    node.add_all(gpu("0000:02:00.0", "2486", "228b", "14"))
+    config = parse_config({"rules": [{"vendor": "10de", "class": "03", "resource": "nvidia.com/ampere"}]})
+    inv = inventory_of(node, pci_ids, config)
+    assert offered(inv) == {"nvidia.com/ampere": ["0000:01:00.0", "0000:02:00.0"]}
+    assert inv.pools == {"nvidia.com/ampere": ("10de:2484", "10de:2486")}
+    # without the rule both GA104 variants share the short name, and the pool says so
+    assert inventory_of(node, pci_ids).pools == {"nvidia.com/GA104": ("10de:2484", "10de:2486")}
+
+
+def test_full_naming_matches_nvidia_plugin_names(node, pci_ids):
+    node.add_all(gpu("0000:01:00.0", "2484", "228b", "13"))
+    inv = inventory_of(node, pci_ids, parse_config({"naming": "full"}))
+    assert offered(inv) == {"nvidia.com/GA104_GEFORCE_RTX_3070": ["0000:01:00.0"]}
+
+
+def test_unknown_device_id_falls_back_and_says_so(node, pci_ids):
+    node.add_all(gpu("0000:01:00.0", "9999", None, "13"))
+    inv = inventory_of(node, pci_ids)
+    assert offered(inv) == {"nvidia.com/9999": ["0000:01:00.0"]}
+    assert "fallback to the device id" in (group(inv, "13").naming or "")
+
+
+def test_boot_vga_and_numa_are_read(node, pci_ids):
+    node.add(Fn("0000:00:02.0", "8086", "4680", "030000", "vfio-pci", "2", numa_node=1, boot_vga=True))
+    fn = SysfsScanner(str(node.sys), str(node.dev)).scan().functions[0]
+    assert (fn.boot_vga, fn.numa_node, fn.driver, fn.iommu_group) == (True, 1, "vfio-pci", "2")
+
+
+@pytest.mark.parametrize(
+    ("attr", "value", "reason"),
+    [
+        ("vendor", "0xZZZZ\n", "garbled sysfs attribute(s): vendor"),
+        ("class", "", "garbled sysfs attribute(s): class"),
+        ("device", "0x12345\n", "garbled sysfs attribute(s): device"),
+        ("numa_node", "zero\n", "garbled numa_node"),
+    ],
+)
+def test_garbled_files_skip_only_that_function(node, pci_ids, attr, value, reason):
+    node.add_all(gpu("0000:01:00.0", "2484", "228b", "13"))
+    node.add_all(gpu("0000:02:00.0", "2484", "228b", "14"))
+    node.write_attr("0000:02:00.0", attr, value)
+    inv = inventory_of(node, pci_ids)
+    assert [(p.address, reason in p.reason) for p in inv.problems] == [("0000:02:00.0", True)]
+    assert offered(inv)["nvidia.com/GA104"] == ["0000:01:00.0"]
+
+
+def test_missing_files_dangling_links_and_odd_group_names_are_reported(node, pci_ids):
+    node.add_all(gpu("0000:01:00.0", "2484", "228b", "13"))
+    node.add(Fn("0000:03:00.0", "10de", "2484", "030000", "vfio-pci", "15"))
+    os.unlink(node.device_dir("0000:03:00.0") / "vendor")
+    node.add(Fn("0000:04:00.0", "10de", "2484", "030000", "vfio-pci", None))
+    (node.device_dir("0000:04:00.0") / "iommu_group").symlink_to("../../../kernel/iommu_groups/99")
+    node.add(Fn("0000:05:00.0", "10de", "2484", "030000", "vfio-pci", None))
+    (node.device_dir("0000:05:00.0") / "iommu_group").symlink_to("../../../kernel/iommu_groups/abc")
+    os.symlink("nowhere", node.sys / "bus" / "pci" / "devices" / "garbage")
+    inv = inventory_of(node, pci_ids)
+    problems = {p.address: p.reason for p in inv.problems}
+    assert "vendor" in problems["0000:03:00.0"]
+    assert "dangling" in problems["0000:04:00.0"]
+    assert "odd group name 'abc'" in problems["0000:05:00.0"]
+    assert "not a PCI address" in problems["garbage"]
+    assert offered(inv) == {"nvidia.com/GA104": ["0000:01:00.0"]}
+
+
+def test_rescan_uses_cache_but_sees_a_replaced_device(node, pci_ids):
+    node.add_all(gpu("0000:01:00.0", "2484", "228b", "13"))
+    scanner = SysfsScanner(str(node.sys), str(node.dev))
+    assert scanner.scan().functions[0].device == "2484"
+    node.remove("0000:01:00.0")
+    node.add(Fn("0000:01:00.0", "10de", "2486", "030000", "vfio-pci", "13"))
+    assert scanner.scan().functions[0].device == "2486"
+
+
+def test_iommufd_char_devices_are_discovered(node, pci_ids):
+    node.add_all(gpu("0000:01:00.0", "2484", "228b", "13"))
+    node.add_vfio_cdev("0000:01:00.0", "vfio0")
+    node.add_vfio_cdev("0000:01:00.1", "vfio1")
+    inv = inventory_of(node, pci_ids)
+    assert inv.host.iommufd
+    assert inv.devices["nvidia.com/GA104"][0].vfio_cdevs == ("vfio0", "vfio1")
