@@ -21,7 +21,7 @@ from deviceplugin.naming import SOCKET_PREFIX, PciIds
 from deviceplugin.pool import Change, DevicePool
 from deviceplugin.registration import KUBELET_SOCKET, Registrar
 from deviceplugin.server import PluginServer
-from deviceplugin.sysfs import SysfsScanner
+from deviceplugin.sysfs import NodeSnapshot, SysfsScanner
 from deviceplugin.watch import DirWatcher
 
 log = logging.getLogger(__name__)
@@ -53,6 +53,7 @@ class Daemon:
         self.watcher = DirWatcher({"dev": os.path.join(options.dev_root, "vfio"), "plugins": options.plugin_dir}, self.notify)
         self._events: queue.SimpleQueue[str] = queue.SimpleQueue()
         self._kubelet_inode: int | None = None
+        self._last_snapshot: NodeSnapshot | None = None
         self._lock = threading.Lock()  # guards registered/registration_errors for /status readers
 
     # --- triggers -------------------------------------------------------------------------------
@@ -111,6 +112,10 @@ class Daemon:
     def reconcile(self) -> list[Change]:
         started = time.perf_counter()
         snapshot = self.scanner.scan()
+        if snapshot == self._last_snapshot:  # the common case: unchanged records compare by identity
+            self.recorder.rescanned(time.perf_counter() - started)
+            return []
+        self._last_snapshot = snapshot
         inventory = discover(snapshot, self.config, self.pci_ids)
         changes = self.pool.update(inventory)
         self.recorder.rescanned(time.perf_counter() - started)

@@ -54,8 +54,9 @@ class Fn:
 class FakeNode:
     """A node under `root`: root/sys, root/dev, root/proc and root/device-plugins."""
 
-    def __init__(self, root: str | Path) -> None:
+    def __init__(self, root: str | Path, uevent: bool = True) -> None:
         self.root = Path(root)
+        self.uevent = uevent  # Linux has one; FakeNode(root, uevent=False) exercises the per-file fallback
         self.sys = self.root / "sys"
         self.dev = self.root / "dev"
         self.proc = self.root / "proc"
@@ -89,6 +90,11 @@ class FakeNode:
         for name, value in (("vendor", fn.vendor), ("device", fn.device), ("subsystem_vendor", fn.vendor), ("subsystem_device", "0000")):
             (d / name).write_text(f"0x{value}\n")
         (d / "class").write_text(f"0x{fn.class_code}\n")
+        if self.uevent:  # as the kernel writes it, less DRIVER= (the plugin reads the driver link)
+            (d / "uevent").write_text(
+                f"PCI_CLASS={int(fn.class_code, 16):04X}\nPCI_ID={fn.vendor.upper()}:{fn.device.upper()}\n"
+                f"PCI_SUBSYS_ID={fn.vendor.upper()}:0000\nPCI_SLOT_NAME={fn.address}\n"
+            )
         (d / "numa_node").write_text(f"{fn.numa_node}\n")
         if fn.class_code.startswith("03"):
             (d / "boot_vga").write_text("1\n" if fn.boot_vga else "0\n")
@@ -154,7 +160,9 @@ class FakeNode:
         shutil.rmtree(self.device_dir(address))
 
     def write_attr(self, address: str, name: str, value: str) -> None:
+        """Overwrites one attribute; the uevent (which would disagree) is removed so the file is read."""
         (self.device_dir(address) / name).write_text(value)
+        (self.device_dir(address) / "uevent").unlink(missing_ok=True)
 
     def add_vfio_cdev(self, address: str, name: str) -> None:
         (self.device_dir(address) / "vfio-dev" / name).mkdir(parents=True, exist_ok=True)

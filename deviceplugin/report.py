@@ -27,11 +27,17 @@ def inventory_json(inv: Inventory, pci_ids: PciIds, naming: str) -> dict[str, An
             "notes": list(inv.notes),
         },
         "groups": [_group_json(g) for g in inv.groups],
-        "resources": {r: [d.id for d in devs if d.healthy] for r, devs in inv.devices.items()},
+        "resources": offered_resources(inv),
         "pools": {r: list(ids) for r, ids in inv.pools.items()},
         "problems": [{"address": p.address, "reason": p.reason} for p in inv.problems],
         "ungrouped": [fn.address for fn in inv.ungrouped],
     }
+
+
+def offered_resources(inv: Inventory) -> dict[str, list[str]]:
+    """resource -> IDs of the devices offered as Healthy (resources with none are left out)."""
+    out = {r: [d.id for d in devs if d.healthy] for r, devs in inv.devices.items()}
+    return {r: ids for r, ids in out.items() if ids}
 
 
 def _group_json(g: GroupReport) -> dict[str, Any]:

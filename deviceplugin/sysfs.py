@@ -84,10 +84,10 @@ class _Static:
     boot_vga: bool
 
 
-def read_attr(path: str) -> str | None:
+def read_attr(path: str, dir_fd: int | None = None) -> str | None:
     """Reads a small sysfs attribute; None when it cannot be read. os.open is ~3x cheaper than open()."""
     try:
-        fd = os.open(path, os.O_RDONLY)
+        fd = os.open(path, os.O_RDONLY, dir_fd=dir_fd)
     except OSError:
         return None
     try:
@@ -99,21 +99,20 @@ def read_attr(path: str) -> str | None:
     return data.decode("ascii", "replace").strip()
 
 
+_HEX = {4: re.compile(r"(?:0x)?([0-9a-f]{4})"), 6: re.compile(r"(?:0x)?([0-9a-f]{6})")}
+
+
 def parse_hex(raw: str | None, width: int) -> str | None:
     """'0x10de' or '10DE' -> '10de'; None unless it is exactly `width` hex digits."""
     if raw is None:
         return None
-    text = raw.lower()
-    if text.startswith("0x"):
-        text = text[2:]
-    if len(text) != width or any(c not in "0123456789abcdef" for c in text):
-        return None
-    return text
+    m = _HEX[width].fullmatch(raw.lower())
+    return m.group(1) if m else None
 
 
-def _link_name(path: str) -> str | None:
+def _link_name(path: str, dir_fd: int | None = None) -> str | None:
     try:
-        return os.path.basename(os.readlink(path).rstrip("/"))
+        return os.readlink(path, dir_fd=dir_fd).rstrip("/").rpartition("/")[2]
     except OSError:
         return None
 
@@ -133,6 +132,9 @@ class SysfsScanner:
         self.dev_root = dev_root
         self.devices_dir = os.path.join(sysfs_root, "bus", "pci", "devices")
         self._static: dict[str, tuple[tuple[int, int], _Static]] = {}
+        # The last record per address: reused when nothing changed, so an unchanged rescan yields
+        # an equal snapshot that compares by identity and the daemon can skip the rest.
+        self._records: dict[str, tuple[_Static, str | None, str | None, str | None, PciFunction]] = {}
 
     def function_dir(self, address: str) -> str:
         return os.path.join(self.devices_dir, address)
@@ -142,6 +144,7 @@ class SysfsScanner:
         problems: list[FunctionProblem] = []
         known_groups = frozenset(_listdir(os.path.join(self.sysfs_root, "kernel", "iommu_groups")))
         known_drivers = frozenset(_listdir(os.path.join(self.sysfs_root, "bus", "pci", "drivers")))
+        iommufd = os.path.exists(os.path.join(self.dev_root, "iommu"))
         seen: set[str] = set()
         try:
             entries = list(os.scandir(self.devices_dir))
@@ -149,19 +152,21 @@ class SysfsScanner:
             entries = []
         for entry in entries:
             seen.add(entry.name)
-            result = self._read_function(entry, known_groups, known_drivers)
+            result = self._read_function(entry, known_groups, known_drivers, iommufd)
             if isinstance(result, PciFunction):
                 functions.append(result)
             else:
                 problems.append(result)
         for gone in self._static.keys() - seen:
             del self._static[gone]
+        for gone in self._records.keys() - seen:
+            del self._records[gone]
         functions.sort(key=lambda f: f.address)
         problems.sort(key=lambda p: p.address)
         return NodeSnapshot(tuple(functions), tuple(problems), self._host(len(known_groups)), self._devnodes())
 
     def _read_function(
-        self, entry: os.DirEntry[str], known_groups: frozenset[str], known_drivers: frozenset[str]
+        self, entry: os.DirEntry[str], known_groups: frozenset[str], known_drivers: frozenset[str], iommufd: bool
     ) -> PciFunction | FunctionProblem:
         address = entry.name
         if not ADDRESS_RE.match(address):
@@ -170,20 +175,24 @@ class SysfsScanner:
         static = self._static_attrs(address, entry)
         if isinstance(static, FunctionProblem):
             return static
-        driver = _link_name(os.path.join(base, "driver"))
-        if driver is not None and driver not in known_drivers and not os.path.exists(os.path.join(base, "driver")):
+        driver = _link_name(f"{base}/driver")
+        if driver is not None and driver not in known_drivers and not os.path.exists(f"{base}/driver"):
             return FunctionProblem(address, f"driver link is dangling (points to missing driver {driver!r})")
-        group = _link_name(os.path.join(base, "iommu_group"))
+        group = _link_name(f"{base}/iommu_group")
         if group is not None:
             if not group.isdigit():
                 return FunctionProblem(address, f"iommu_group link has an odd group name {group!r}")
-            if group not in known_groups and not os.path.exists(os.path.join(base, "iommu_group")):
+            if group not in known_groups and not os.path.exists(f"{base}/iommu_group"):
                 return FunctionProblem(address, f"iommu_group link is dangling (group {group} does not exist)")
         cdev = None
-        if driver is not None and is_vfio_driver(driver):
-            names = _listdir(os.path.join(base, "vfio-dev"))
+        if iommufd and is_vfio_driver(driver):  # the cdev only matters (and exists) with iommufd
+            names = _listdir(f"{base}/vfio-dev")
             cdev = min(names) if names else None
-        return PciFunction(
+        key = (static, driver, group, cdev)
+        last = self._records.get(address)
+        if last is not None and last[0] is static and last[1:] == key[1:]:
+            return last[4]
+        record = PciFunction(
             address=address,
             vendor=static.vendor,
             device=static.device,
@@ -196,6 +205,8 @@ class SysfsScanner:
             boot_vga=static.boot_vga,
             vfio_cdev=cdev,
         )
+        self._records[address] = (*key, record)
+        return record
 
     def _static_attrs(self, address: str, entry: os.DirEntry[str]) -> _Static | FunctionProblem:
         try:
@@ -226,28 +237,69 @@ class SysfsScanner:
 
 
 def read_static(base: str, address: str) -> _Static | FunctionProblem:
-    """Reads the attributes that do not change while the device stays plugged in."""
-    vendor = parse_hex(read_attr(os.path.join(base, "vendor")), 4)
-    device = parse_hex(read_attr(os.path.join(base, "device")), 4)
-    class_code = parse_hex(read_attr(os.path.join(base, "class")), 6)
-    bad = [n for n, v in (("vendor", vendor), ("device", device), ("class", class_code)) if v is None]
-    if bad or vendor is None or device is None or class_code is None:
+    """Reads the attributes that do not change while the device stays plugged in.
+
+    The files are opened relative to the function's directory, so the kernel resolves the
+    bus/pci/devices symlink once per function instead of once per file.
+    """
+    try:
+        dir_fd = os.open(base, os.O_RDONLY | os.O_DIRECTORY)
+    except OSError as exc:
+        return FunctionProblem(address, f"cannot open its sysfs directory: {exc.strerror}")
+    try:
+        return _read_static_at(dir_fd, address)
+    finally:
+        os.close(dir_fd)
+
+
+_UEVENT_ID = re.compile(r"^PCI_ID=([0-9A-Fa-f]{4}):([0-9A-Fa-f]{4})$", re.M)
+_UEVENT_CLASS = re.compile(r"^PCI_CLASS=([0-9A-Fa-f]{1,6})$", re.M)
+_UEVENT_SUBSYS = re.compile(r"^PCI_SUBSYS_ID=([0-9A-Fa-f]{4}):([0-9A-Fa-f]{4})$", re.M)
+
+
+def parse_uevent(text: str | None) -> tuple[str, str, str, str, str] | None:
+    """(vendor, device, class, subsystem vendor, subsystem device) from a PCI uevent, or None.
+
+    The kernel writes PCI_ID=10DE:2484, PCI_CLASS=30000 (%04X of the 24-bit class) and
+    PCI_SUBSYS_ID=1458:4037 from the fields it caches for the device: one read instead of five.
+    """
+    if not text:
+        return None
+    ids = _UEVENT_ID.search(text)
+    cls = _UEVENT_CLASS.search(text)
+    if ids is None or cls is None:
+        return None
+    sub = _UEVENT_SUBSYS.search(text)
+    sub_vendor, sub_device = (sub.group(1).lower(), sub.group(2).lower()) if sub else ("0000", "0000")
+    return ids.group(1).lower(), ids.group(2).lower(), cls.group(1).lower().rjust(6, "0"), sub_vendor, sub_device
+
+
+def _read_static_at(dir_fd: int, address: str) -> _Static | FunctionProblem:
+    from_uevent = parse_uevent(read_attr("uevent", dir_fd))
+    if from_uevent is not None:
+        vendor, device, class_code, sub_vendor, sub_device = from_uevent
+        return _finish_static(dir_fd, address, vendor, device, class_code, sub_vendor, sub_device)
+    vendor = parse_hex(read_attr("vendor", dir_fd), 4)
+    device = parse_hex(read_attr("device", dir_fd), 4)
+    class_code = parse_hex(read_attr("class", dir_fd), 6)
+    if vendor is None or device is None or class_code is None:
+        bad = [n for n, v in (("vendor", vendor), ("device", device), ("class", class_code)) if v is None]
         return FunctionProblem(address, f"missing or garbled sysfs attribute(s): {', '.join(bad)}")
-    numa_raw = read_attr(os.path.join(base, "numa_node"))
+    sub_vendor = parse_hex(read_attr("subsystem_vendor", dir_fd), 4) or ""
+    sub_device = parse_hex(read_attr("subsystem_device", dir_fd), 4) or ""
+    return _finish_static(dir_fd, address, vendor, device, class_code, sub_vendor, sub_device)
+
+
+def _finish_static(
+    dir_fd: int, address: str, vendor: str, device: str, class_code: str, sub_vendor: str, sub_device: str
+) -> _Static | FunctionProblem:
+    numa_raw = read_attr("numa_node", dir_fd)
     try:
         numa = int(numa_raw) if numa_raw is not None else -1
     except ValueError:
         return FunctionProblem(address, f"garbled numa_node {numa_raw!r}")
-    boot_vga = class_code.startswith("03") and read_attr(os.path.join(base, "boot_vga")) == "1"
-    return _Static(
-        vendor=vendor,
-        device=device,
-        class_code=class_code,
-        subsystem_vendor=parse_hex(read_attr(os.path.join(base, "subsystem_vendor")), 4) or "",
-        subsystem_device=parse_hex(read_attr(os.path.join(base, "subsystem_device")), 4) or "",
-        numa_node=max(numa, -1),
-        boot_vga=boot_vga,
-    )
+    boot_vga = class_code.startswith("03") and read_attr("boot_vga", dir_fd) == "1"
+    return _Static(vendor, device, class_code, sub_vendor, sub_device, max(numa, -1), boot_vga)
 
 
 def is_vfio_driver(driver: str | None) -> bool:
@@ -258,5 +310,5 @@ def is_vfio_driver(driver: str | None) -> bool:
 
 
 def current_driver(sysfs_root: str, address: str) -> str | None:
-    """One readlink: the Allocate-time recheck. '' would mean unreadable; None means unbound."""
-    return _link_name(os.path.join(sysfs_root, "bus", "pci", "devices", address, "driver"))
+    """One readlink: the Allocate-time recheck. None means unbound (or the function is gone)."""
+    return _link_name(f"{sysfs_root}/bus/pci/devices/{address}/driver")

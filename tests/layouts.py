@@ -24,8 +24,17 @@ _FUNCTION = re.compile(
 _IDS = re.compile(r"\[([0-9a-f]{4}):([0-9a-f]{4})\]", re.IGNORECASE)
 _DRIVER = re.compile(r"Driver:\s*(\S+)")
 
-HOST_DRIVERS = {"0604": "pcieport", "0403": "snd_hda_intel", "0c03": "xhci_hcd", "0106": "ahci", "0108": "nvme",
-                "0200": "r8169", "0280": "iwlwifi", "0c05": "piix4_smbus", "0c80": "i2c_designware"}
+HOST_DRIVERS = {
+    "0604": "pcieport",
+    "0403": "snd_hda_intel",
+    "0c03": "xhci_hcd",
+    "0106": "ahci",
+    "0108": "nvme",
+    "0200": "r8169",
+    "0280": "iwlwifi",
+    "0c05": "piix4_smbus",
+    "0c80": "i2c_designware",
+}
 GPU_DRIVERS = {"10de": "nouveau", "1002": "amdgpu", "8086": "i915"}
 
 
@@ -66,8 +75,16 @@ def parse_listing(text: str) -> list[Listed]:
         addr = fm.group("addr").lower()
         vendor, device = ids[-1]
         driver = _DRIVER.search(line)
-        out.append(Listed(group, addr if addr.count(":") == 2 else "0000:" + addr, fm.group("cls").lower(),
-                          vendor.lower(), device.lower(), driver.group(1) if driver else None))
+        out.append(
+            Listed(
+                group,
+                addr if addr.count(":") == 2 else "0000:" + addr,
+                fm.group("cls").lower(),
+                vendor.lower(),
+                device.lower(),
+                driver.group(1) if driver else None,
+            )
+        )
     return out
 
 

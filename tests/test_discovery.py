@@ -10,24 +10,26 @@ from conftest import inventory_of
 from deviceplugin.config import parse_config
 from deviceplugin.discovery import Inventory
 from deviceplugin.fakenode import FakeNode, Fn, gpu
-from deviceplugin.sysfs import SysfsScanner
+from deviceplugin.sysfs import SysfsScanner, parse_uevent
 
 
 def offered(inv: Inventory) -> dict[str, list[str]]:
     return {r: [d.id for d in devs if d.healthy] for r, devs in inv.devices.items() if any(d.healthy for d in devs)}
 
 
-def group(inv: Inventory, gid: str):  # noqa: ANN201
+def group(inv: Inventory, gid: str):
     return next(g for g in inv.groups if g.id == gid)
 
 
 def turing(node: FakeNode, usb_driver: str = "vfio-pci") -> None:
-    node.add_all([
-        Fn("0000:2b:00.0", "10de", "1e84", "030000", "vfio-pci", "14"),
-        Fn("0000:2b:00.1", "10de", "10f8", "040300", "vfio-pci", "14"),
-        Fn("0000:2b:00.2", "10de", "1ad8", "0c0330", usb_driver, "14"),
-        Fn("0000:2b:00.3", "10de", "1ad9", "0c8000", "vfio-pci", "14"),
-    ])
+    node.add_all(
+        [
+            Fn("0000:2b:00.0", "10de", "1e84", "030000", "vfio-pci", "14"),
+            Fn("0000:2b:00.1", "10de", "10f8", "040300", "vfio-pci", "14"),
+            Fn("0000:2b:00.2", "10de", "1ad8", "0c0330", usb_driver, "14"),
+            Fn("0000:2b:00.3", "10de", "1ad9", "0c8000", "vfio-pci", "14"),
+        ]
+    )
 
 
 def test_rtx3070_group_13_is_one_device_named_ga104(node, pci_ids):
@@ -85,12 +87,14 @@ def test_amd_gpu_is_named_under_amd_com(node, pci_ids):
 
 
 def test_gpu_sharing_a_chipset_group_with_host_devices_is_not_viable(node, pci_ids):
-    node.add_all([
-        Fn("0000:02:00.1", "1022", "43c8", "010601", "ahci", "15"),
-        Fn("0000:02:00.2", "1022", "43c6", "060400", "pcieport", "15"),
-        Fn("0000:05:00.0", "10ec", "8125", "020000", "r8169", "15"),
-        *gpu("0000:06:00.0", "128b", "0e0f", "15"),
-    ])
+    node.add_all(
+        [
+            Fn("0000:02:00.1", "1022", "43c8", "010601", "ahci", "15"),
+            Fn("0000:02:00.2", "1022", "43c6", "060400", "pcieport", "15"),
+            Fn("0000:05:00.0", "10ec", "8125", "020000", "r8169", "15"),
+            *gpu("0000:06:00.0", "128b", "0e0f", "15"),
+        ]
+    )
     inv = inventory_of(node, pci_ids)
     assert offered(inv) == {}
     reasons = " ".join(group(inv, "15").reasons)
@@ -210,6 +214,7 @@ def test_missing_files_dangling_links_and_odd_group_names_are_reported(node, pci
     node.add_all(gpu("0000:01:00.0", "2484", "228b", "13"))
     node.add(Fn("0000:03:00.0", "10de", "2484", "030000", "vfio-pci", "15"))
     os.unlink(node.device_dir("0000:03:00.0") / "vendor")
+    os.unlink(node.device_dir("0000:03:00.0") / "uevent")
     node.add(Fn("0000:04:00.0", "10de", "2484", "030000", "vfio-pci", None))
     (node.device_dir("0000:04:00.0") / "iommu_group").symlink_to("../../../kernel/iommu_groups/99")
     node.add(Fn("0000:05:00.0", "10de", "2484", "030000", "vfio-pci", None))
@@ -222,6 +227,30 @@ def test_missing_files_dangling_links_and_odd_group_names_are_reported(node, pci
     assert "odd group name 'abc'" in problems["0000:05:00.0"]
     assert "not a PCI address" in problems["garbage"]
     assert offered(inv) == {"nvidia.com/GA104": ["0000:01:00.0"]}
+
+
+def test_uevent_and_attribute_files_give_the_same_records(tmp_path):
+    fns = [*gpu("0000:01:00.0", "2484", "228b", "13", numa_node=1), Fn("0000:00:01.0", "8086", "1901", "060400", "pcieport", "13")]
+    with_uevent = FakeNode(tmp_path / "a").host().add_all(fns)
+    files_only = FakeNode(tmp_path / "b", uevent=False).host().add_all(fns)
+    assert not (files_only.device_dir("0000:01:00.0") / "uevent").exists()
+    a = SysfsScanner(str(with_uevent.sys), str(with_uevent.dev)).scan().functions
+    b = SysfsScanner(str(files_only.sys), str(files_only.dev)).scan().functions
+    assert a == b and a[1].class_code == "030000" and a[0].class_code == "060400"
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("DRIVER=vfio-pci\nPCI_CLASS=30000\nPCI_ID=10DE:2484\nPCI_SUBSYS_ID=1458:4037\n", ("10de", "2484", "030000", "1458", "4037")),
+        ("PCI_CLASS=10802\nPCI_ID=144D:A808\n", ("144d", "a808", "010802", "0000", "0000")),
+        ("PCI_CLASS=30000\nPCI_ID=10DE\n", None),
+        ("PCI_CLASS=3000000\nPCI_ID=10DE:2484\n", None),
+        ("", None),
+    ],
+)
+def test_uevent_parsing(text, expected):
+    assert parse_uevent(text) == expected
 
 
 def test_rescan_uses_cache_but_sees_a_replaced_device(node, pci_ids):

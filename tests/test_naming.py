@@ -61,7 +61,9 @@ def test_odd_entries_still_give_valid_names(pci_ids):
     assert "no chip part" in bracket_only.source
     long = auto_name("10de", "1fff", pci_ids, "full").resource
     assert len(long.split("/")[1]) <= 63 and resource_name_error(long) is None
-    assert auto_name("10de", "1fff", pci_ids, "short").resource == "nvidia.com/EXTREMELY_LONG_EXPERIMENTAL_ACCELERATOR_CHIP_NAME_THAT_GOES_ON"
+    assert (
+        auto_name("10de", "1fff", pci_ids, "short").resource == "nvidia.com/EXTREMELY_LONG_EXPERIMENTAL_ACCELERATOR_CHIP_NAME_THAT_GOES_ON"
+    )
 
 
 def test_unknown_and_missing_database_fall_back_to_the_device_id(pci_ids):

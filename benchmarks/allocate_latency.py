@@ -1,0 +1,117 @@
+"""Allocate latency over a real unix socket: 20,000 calls with 1 and with 8 concurrent clients, 8 devices.
+
+The plugin runs as its own process (`vfio-device-plugin serve` on a synthetic node, as on a real
+node where the kubelet is another process); the clients are threads here, one channel each. Each
+call is a one-device Allocate as the kubelet makes it (one ContainerAllocateRequest), including the
+per-call sysfs recheck. Also prints the handler's own cost (pool.allocate in-process).
+Target: p99 <= 1 ms with one client.
+
+    python benchmarks/allocate_latency.py [--calls 20000]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import grpc
+
+sys.path.insert(0, str(Path(__file__).parent))
+from synthetic import gpu_node
+
+from deviceplugin.config import Config
+from deviceplugin.discovery import discover
+from deviceplugin.naming import (
+    parse_pci_ids,
+    socket_name,
+)
+from deviceplugin.pool import DevicePool
+from deviceplugin.sysfs import SysfsScanner
+from deviceplugin.v1beta1 import api_pb2 as api
+from deviceplugin.v1beta1 import api_pb2_grpc as api_grpc
+
+PCI_IDS_TEXT = "10de  NVIDIA Corporation\n\t1e84  TU104 [GeForce RTX 2070 SUPER]\n"
+PCI_IDS = parse_pci_ids(PCI_IDS_TEXT)
+RESOURCE = "nvidia.com/TU104"
+
+
+def percentile(samples: list[float], p: float) -> float:
+    ordered = sorted(samples)
+    return ordered[min(len(ordered) - 1, round(p / 100 * (len(ordered) - 1)))]
+
+
+def client(socket: str, ids: list[str], calls: int, out: list[float], start: threading.Barrier) -> None:
+    with grpc.insecure_channel(f"unix://{socket}") as channel:
+        stub = api_grpc.DevicePluginStub(channel)
+        requests = [api.AllocateRequest(container_requests=[api.ContainerAllocateRequest(devices_ids=[i])]) for i in ids]
+        stub.Allocate(requests[0], timeout=5)  # connect outside the measurement
+        start.wait()
+        for n in range(calls):
+            t0 = time.perf_counter()
+            stub.Allocate(requests[n % len(requests)], timeout=5)
+            out.append(time.perf_counter() - t0)
+
+
+def run(socket: str, ids: list[str], total: int, clients: int) -> tuple[list[float], float]:
+    results: list[list[float]] = [[] for _ in range(clients)]
+    barrier = threading.Barrier(clients + 1)
+    threads = [threading.Thread(target=client, args=(socket, ids, total // clients, results[c], barrier)) for c in range(clients)]
+    for t in threads:
+        t.start()
+    barrier.wait()
+    t0 = time.perf_counter()
+    for t in threads:
+        t.join()
+    return [s for r in results for s in r], time.perf_counter() - t0
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--calls", type=int, default=20000)
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory(prefix="vdp-", dir="/tmp") as root:
+        node = gpu_node(root, 32)  # 8 devices of 4 functions
+        pool = DevicePool(str(node.sys), str(node.dev))
+        pool.update(discover(SysfsScanner(str(node.sys), str(node.dev)).scan(), Config(), PCI_IDS))
+        ids = [d.id for d in pool.devices(RESOURCE)[1]]
+        assert len(ids) == 8, ids
+        n = 20000
+        t0 = time.perf_counter()
+        for i in range(n):
+            pool.allocate(RESOURCE, [ids[i % 8]])
+        print(f"handler cost (pool.allocate incl. sysfs recheck, in-process): {(time.perf_counter() - t0) / n * 1e6:.1f} us/call")
+        pci_ids = node.root / "pci.ids"
+        pci_ids.write_text(PCI_IDS_TEXT)
+        socket = node.plugins / socket_name(RESOURCE, str(node.plugins))
+        server = subprocess.Popen(
+            [sys.executable, "-m", "deviceplugin", "serve", "--log-level", "error", *node.cli_args(pci_ids)],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        try:
+            deadline = time.monotonic() + 30
+            while not socket.exists():
+                if time.monotonic() > deadline or server.poll() is not None:
+                    raise SystemExit("the plugin did not start serving")
+                time.sleep(0.05)
+            print(f"{'clients':>7} {'calls':>6} {'p50':>9} {'p99':>9} {'max':>9} {'calls/s':>8}")
+            for clients in (1, 8):
+                samples, wall = run(str(socket), ids, args.calls, clients)
+                print(
+                    f"{clients:>7} {len(samples):>6} {statistics.median(samples) * 1e3:>6.3f} ms {percentile(samples, 99) * 1e3:>6.3f} ms "
+                    f"{max(samples) * 1e3:>6.3f} ms {len(samples) / wall:>8.0f}"
+                )
+        finally:
+            server.terminate()
+            server.wait(timeout=10)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

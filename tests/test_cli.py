@@ -1,0 +1,101 @@
+"""The command line as an operator runs it: real processes, exit codes, the JSON document."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+from conftest import PCI_IDS_PATH
+
+from deviceplugin.fakenode import gpu
+
+CLI = [sys.executable, "-m", "deviceplugin"]
+
+
+def run(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([*CLI, *args], capture_output=True, text=True, timeout=timeout)
+
+
+def test_inspect_json_document(node):
+    node.add_all(gpu("0000:01:00.0", "2484", "228b", "13", numa_node=0))
+    node.add_all(gpu("0000:02:00.0", "1b06", "10ef", "14", audio_driver="snd_hda_intel"))
+    result = run("inspect", "--json", *node.cli_args(PCI_IDS_PATH))
+    assert result.returncode == 0, result.stderr
+    doc = json.loads(result.stdout)
+    assert set(doc) >= {"host", "groups", "resources", "pools", "problems"}
+    assert doc["host"]["iommu_enabled"] is True and doc["host"]["vfio_modules"]["vfio_pci"] is True
+    assert doc["resources"] == {"nvidia.com/GA104": ["0000:01:00.0"]}
+    g13 = next(g for g in doc["groups"] if g["id"] == "13")
+    assert {k: g13[k] for k in ("viable", "offered", "resource", "device_id", "numa_node", "reasons")} == {
+        "viable": True,
+        "offered": True,
+        "resource": "nvidia.com/GA104",
+        "device_id": "0000:01:00.0",
+        "numa_node": 0,
+        "reasons": [],
+    }
+    assert g13["functions"][0] == {
+        "address": "0000:01:00.0",
+        "vendor": "10de",
+        "device": "2484",
+        "class": "030000",
+        "class_name": "VGA",
+        "driver": "vfio-pci",
+        "name": "GA104 [GeForce RTX 3070]",
+        "numa_node": 0,
+        "boot_vga": False,
+    }
+    g14 = next(g for g in doc["groups"] if g["id"] == "14")
+    assert g14["offered"] is False and "snd_hda_intel" in g14["reasons"][0]
+
+
+def test_inspect_text_says_why(node):
+    node.add_all(gpu("0000:02:00.0", "1b06", "10ef", "14", audio_driver="snd_hda_intel"))
+    result = run("inspect", *node.cli_args(PCI_IDS_PATH))
+    assert result.returncode == 0
+    assert "IOMMU group 14: NOT OFFERED (would be nvidia.com/GP102)" in result.stdout
+    assert "why: 0000:02:00.1 (10de:10ef Audio) is bound to host driver snd_hda_intel" in result.stdout
+
+
+def test_naming_option_and_missing_database(node):
+    node.add_all(gpu("0000:01:00.0", "2484", "228b", "13"))
+    full = json.loads(run("inspect", "--json", "--naming", "full", *node.cli_args(PCI_IDS_PATH)).stdout)
+    assert full["resources"] == {"nvidia.com/GA104_GEFORCE_RTX_3070": ["0000:01:00.0"]}
+    empty = node.root / "empty.ids"
+    empty.write_text("")
+    doc = json.loads(run("inspect", "--json", *node.cli_args(empty)).stdout)
+    assert doc["resources"] == {"nvidia.com/2484": ["0000:01:00.0"]}
+    assert "fallback to the device id" in doc["groups"][0]["naming"]
+
+
+def test_broken_config_exits_non_zero_naming_the_key_before_serving(node):
+    config = node.root / "bad.yaml"
+    config.write_text("rules:\n  - {vendor: '10de', resource: 'GA 104'}\n")
+    result = run("serve", "--config", str(config), *node.cli_args(PCI_IDS_PATH))
+    assert result.returncode == 2
+    assert "rules[0].resource: invalid extended resource name 'GA 104'" in result.stderr
+    assert list(node.plugins.iterdir()) == []  # nothing served, nothing registered
+
+
+def test_unreadable_pci_ids_is_a_clear_error(node):
+    result = run("inspect", *node.cli_args(node.root / "nope.ids"))
+    assert result.returncode == 2 and "--pci-ids" in result.stderr
+
+
+def test_help_and_module_entry_point():
+    result = run("--help")
+    assert result.returncode == 0
+    for command in ("serve", "inspect", "doctor", "kubevirt-config", "demo"):
+        assert command in result.stdout
+
+
+def test_demo_runs_the_real_plugin_against_a_test_kubelet():
+    result = run("demo", timeout=120)
+    assert result.returncode == 0, result.stdout + result.stderr
+    out = result.stdout
+    assert "allocatable: {'nvidia.com/GA104': 1}" in out
+    assert "PCI_RESOURCE_NVIDIA_COM_GA104=0000:01:00.0" in out
+    assert "device /dev/vfio/13 -> /dev/vfio/13 (mrw)" in out
+    assert "group 14: 0000:02:00.1 (10de:10ef Audio) is bound to host driver snd_hda_intel" in out
+    assert "allocatable is {'nvidia.com/GA104': 0}" in out

@@ -1,0 +1,84 @@
+"""The generated code matches proto/, and proto/ matches the upstream kubelet API field by field."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from deviceplugin import codegen
+from deviceplugin.v1beta1 import api_pb2
+
+GENERATED_DIR = Path(codegen.__file__).parent / "v1beta1"
+
+# (message, field, number, type, repeated) from k8s.io/kubelet/pkg/apis/deviceplugin/v1beta1/api.proto
+UPSTREAM = [
+    ("DevicePluginOptions", "pre_start_required", 1, "bool", False),
+    ("DevicePluginOptions", "get_preferred_allocation_available", 2, "bool", False),
+    ("RegisterRequest", "version", 1, "string", False),
+    ("RegisterRequest", "endpoint", 2, "string", False),
+    ("RegisterRequest", "resource_name", 3, "string", False),
+    ("RegisterRequest", "options", 4, "DevicePluginOptions", False),
+    ("ListAndWatchResponse", "devices", 1, "Device", True),
+    ("TopologyInfo", "nodes", 1, "NUMANode", True),
+    ("NUMANode", "ID", 1, "int64", False),
+    ("Device", "ID", 1, "string", False),
+    ("Device", "health", 2, "string", False),
+    ("Device", "topology", 3, "TopologyInfo", False),
+    ("PreStartContainerRequest", "devices_ids", 1, "string", True),
+    ("PreferredAllocationRequest", "container_requests", 1, "ContainerPreferredAllocationRequest", True),
+    ("ContainerPreferredAllocationRequest", "available_deviceIDs", 1, "string", True),
+    ("ContainerPreferredAllocationRequest", "must_include_deviceIDs", 2, "string", True),
+    ("ContainerPreferredAllocationRequest", "allocation_size", 3, "int32", False),
+    ("PreferredAllocationResponse", "container_responses", 1, "ContainerPreferredAllocationResponse", True),
+    ("ContainerPreferredAllocationResponse", "deviceIDs", 1, "string", True),
+    ("AllocateRequest", "container_requests", 1, "ContainerAllocateRequest", True),
+    ("ContainerAllocateRequest", "devices_ids", 1, "string", True),
+    ("CDIDevice", "name", 1, "string", False),
+    ("AllocateResponse", "container_responses", 1, "ContainerAllocateResponse", True),
+    ("ContainerAllocateResponse", "envs", 1, "EnvsEntry", True),
+    ("ContainerAllocateResponse", "mounts", 2, "Mount", True),
+    ("ContainerAllocateResponse", "devices", 3, "DeviceSpec", True),
+    ("ContainerAllocateResponse", "annotations", 4, "AnnotationsEntry", True),
+    ("ContainerAllocateResponse", "cdi_devices", 5, "CDIDevice", True),
+    ("Mount", "container_path", 1, "string", False),
+    ("Mount", "host_path", 2, "string", False),
+    ("Mount", "read_only", 3, "bool", False),
+    ("DeviceSpec", "container_path", 1, "string", False),
+    ("DeviceSpec", "host_path", 2, "string", False),
+    ("DeviceSpec", "permissions", 3, "string", False),
+]
+SCALARS = {1: "double", 3: "int64", 5: "int32", 8: "bool", 9: "string"}
+
+
+def test_generated_code_is_not_stale(tmp_path):
+    codegen.generate(tmp_path)
+    for name in codegen.GENERATED:
+        fresh = (tmp_path / "deviceplugin" / "v1beta1" / name).read_text()
+        committed = (GENERATED_DIR / name).read_text()
+        assert fresh == committed, f"{name} is stale: run `python -m deviceplugin.codegen` and commit the result"
+
+
+def test_package_and_method_paths_are_the_kubelets():
+    desc = api_pb2.DESCRIPTOR
+    assert desc.package == "v1beta1"
+    assert [m.full_name for m in desc.services_by_name["Registration"].methods] == ["v1beta1.Registration.Register"]
+    plugin = desc.services_by_name["DevicePlugin"]
+    assert [m.name for m in plugin.methods] == [
+        "GetDevicePluginOptions",
+        "ListAndWatch",
+        "GetPreferredAllocation",
+        "Allocate",
+        "PreStartContainer",
+    ]
+    assert plugin.methods_by_name["ListAndWatch"].server_streaming
+
+
+def test_every_field_matches_upstream_numbers_and_types():
+    seen = set()
+    for message, field, number, type_name, repeated in UPSTREAM:
+        f = api_pb2.DESCRIPTOR.message_types_by_name[message].fields_by_name[field]
+        actual_type = f.message_type.name if f.message_type else SCALARS[f.type]
+        assert (f.number, actual_type, f.is_repeated) == (number, type_name, repeated), f"{message}.{field}"
+        seen.add((message, field))
+    for message in api_pb2.DESCRIPTOR.message_types_by_name.values():
+        for f in message.fields:
+            assert (message.name, f.name) in seen or message.name == "Empty", f"unexpected field {message.name}.{f.name}"
