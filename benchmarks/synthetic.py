@@ -2,7 +2,18 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
 from deviceplugin.fakenode import FakeNode, Fn
+
+PCI_IDS_TEXT = "10de  NVIDIA Corporation\n\t1e84  TU104 [GeForce RTX 2070 SUPER]\n"
+RESOURCE = "nvidia.com/TU104"
+# sysfs is an in-memory filesystem: build benchmark nodes on tmpfs when there is one.
+TMP = "/dev/shm" if os.path.isdir("/dev/shm") else None
 
 FUNCTIONS = (("1e84", "030000"), ("10f8", "040300"), ("1ad8", "0c0330"), ("1ad9", "0c8000"))
 
@@ -15,3 +26,31 @@ def gpu_node(root: str, functions: int, numa_nodes: int = 2) -> FakeNode:
         for fn, (device, cls) in enumerate(FUNCTIONS):
             node.add(Fn(f"0000:{bus:02x}:{dev:02x}.{fn}", "10de", device, cls, "vfio-pci", str(100 + g), g % numa_nodes))
     return node
+
+
+def write_pci_ids(node: FakeNode) -> Path:
+    path = node.root / "pci.ids"
+    path.write_text(PCI_IDS_TEXT)
+    return path
+
+
+def start_serve(node: FakeNode, *extra: str) -> subprocess.Popen[bytes]:
+    """`vfio-device-plugin serve` on the node, as its own process (as on a real node)."""
+    return subprocess.Popen(
+        [sys.executable, "-m", "deviceplugin", "serve", "--log-level", "error", *node.cli_args(write_pci_ids(node)), *extra],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+
+
+def percentile(samples: list[float], p: float) -> float:
+    ordered = sorted(samples)
+    return ordered[min(len(ordered) - 1, round(p / 100 * (len(ordered) - 1)))]
+
+
+def wait_until(predicate, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise SystemExit(f"timed out waiting for {what}")
+        time.sleep(0.002)

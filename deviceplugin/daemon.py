@@ -19,7 +19,7 @@ from deviceplugin.discovery import Inventory, discover
 from deviceplugin.metrics import Recorder
 from deviceplugin.naming import SOCKET_PREFIX, PciIds
 from deviceplugin.pool import Change, DevicePool
-from deviceplugin.registration import KUBELET_SOCKET, Registrar
+from deviceplugin.registration import BACKOFF, KUBELET_SOCKET, Registrar
 from deviceplugin.server import PluginServer
 from deviceplugin.sysfs import NodeSnapshot, SysfsScanner
 from deviceplugin.watch import DirWatcher
@@ -34,6 +34,7 @@ class Options:
     proc_root: str = "/proc"
     plugin_dir: str = "/var/lib/kubelet/device-plugins"
     rescan_interval: float = 5.0
+    registration_backoff: tuple[float, ...] = BACKOFF
 
 
 class Daemon:
@@ -49,7 +50,7 @@ class Daemon:
         self.registered: dict[str, float] = {}  # resource -> unix time of the last successful Register
         self.registration_errors: dict[str, str] = {}
         self.inventory: Inventory | None = None
-        self.registrar = Registrar(options.plugin_dir, self._on_registration)
+        self.registrar = Registrar(options.plugin_dir, self._on_registration, options.registration_backoff)
         self.watcher = DirWatcher({"dev": os.path.join(options.dev_root, "vfio"), "plugins": options.plugin_dir}, self.notify)
         self._events: queue.SimpleQueue[str] = queue.SimpleQueue()
         self._kubelet_inode: int | None = None
@@ -93,7 +94,7 @@ class Daemon:
     def _next_events(self, timeout: float) -> set[str]:
         kinds: set[str] = set()
         try:
-            kinds.add(self._events.get(timeout=min(timeout, 1.0)))
+            kinds.add(self._events.get(timeout=timeout))
         except queue.Empty:
             return kinds
         while True:  # coalesce a burst of events into one reconcile

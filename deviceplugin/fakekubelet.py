@@ -48,6 +48,7 @@ class FakeKubelet(api_grpc.RegistrationServicer):
         self.endpoints: dict[str, Endpoint] = {}
         self.registrations: list[tuple[float, str, str]] = []  # (time, resource, endpoint)
         self.update_log: list[tuple[float, str, dict[str, str]]] = []  # (monotonic, resource, devices)
+        self.reject: dict[str, str] = {}  # resource -> error to answer Register with
         self._cond = threading.Condition()
         self._server: grpc.Server | None = None
 
@@ -85,6 +86,8 @@ class FakeKubelet(api_grpc.RegistrationServicer):
     def Register(self, request: api.RegisterRequest, context: grpc.ServicerContext) -> api.Empty:
         if request.version not in SUPPORTED_VERSIONS:
             context.abort(grpc.StatusCode.UNKNOWN, f"Unsupported version {request.version!r}, expected one of {SUPPORTED_VERSIONS}")
+        if request.resource_name in self.reject:
+            context.abort(grpc.StatusCode.UNKNOWN, self.reject[request.resource_name])
         error = resource_name_error(request.resource_name)
         if error:
             context.abort(grpc.StatusCode.UNKNOWN, f"invalid resource name {request.resource_name!r}: {error}")

@@ -26,10 +26,12 @@ class Recorder:
         self.registrations = Counter(f"{PREFIX}_registrations", "Successful registrations with the kubelet", ["resource"], registry=r)
         self.registration_failures = Counter(f"{PREFIX}_registration_failures", "Failed registration attempts", ["resource"], registry=r)
         self.rescan_seconds = Gauge(f"{PREFIX}_rescan_duration_seconds", "Duration of the last sysfs rescan", registry=r)
+        self.rescans = Counter(f"{PREFIX}_rescans", "sysfs rescans (timer, inotify events and stale allocations)", registry=r)
         self.rescan_time = Gauge(f"{PREFIX}_last_rescan_timestamp_seconds", "Unix time of the last sysfs rescan", registry=r)
         self._lock = threading.Lock()
         self.last_allocate: dict[str, dict[str, object]] = {}
         self.last_error: dict[str, str] = {}
+        self.rescan_count = 0
 
     def allocated(self, resource: str, ids: list[str]) -> None:
         self.allocations.labels(resource).inc()
@@ -51,6 +53,8 @@ class Recorder:
         (self.registrations if ok else self.registration_failures).labels(resource).inc()
 
     def rescanned(self, seconds: float) -> None:
+        self.rescans.inc()
+        self.rescan_count += 1
         self.rescan_seconds.set(seconds)
         self.rescan_time.set(time.time())
 

@@ -26,7 +26,7 @@ log = logging.getLogger(__name__)
 
 HEALTHY = "Healthy"
 UNHEALTHY = "Unhealthy"
-WAKE_INTERVAL = 1.0  # how often an idle stream re-checks that its client is still there
+WAKE_INTERVAL = 30.0  # a safety net only: a cancelled stream or a pool change wakes the stream at once
 
 
 def device_message(device: Device) -> api.Device:
@@ -48,7 +48,12 @@ class DevicePluginServicer(api_grpc.DevicePluginServicer):
 
     def ListAndWatch(self, request: api.Empty, context: grpc.ServicerContext) -> Iterator[api.ListAndWatchResponse]:
         gone = threading.Event()
-        context.add_callback(gone.set)
+
+        def on_done() -> None:
+            gone.set()
+            self.pool.wake()
+
+        context.add_callback(on_done)
         version, devices = self.pool.devices(self.resource)
         yield api.ListAndWatchResponse(devices=[device_message(d) for d in devices])
         while True:

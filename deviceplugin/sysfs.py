@@ -4,7 +4,7 @@ Pure readers. Nothing here raises on bad input: a function whose files are missi
 garbled becomes a `FunctionProblem` with a reason, and the scan goes on. The scanner caches the
 attributes that cannot change while a device stays plugged in (ids, class, NUMA node), keyed by the
 inode and ctime of its `bus/pci/devices` entry (a re-plugged device gets a new entry even where the
-inode number is reused), so a periodic rescan costs one lstat and two readlinks per function.
+inode number is reused), so a periodic rescan costs one lstat and one readlink (the driver) per function.
 """
 
 from __future__ import annotations
@@ -82,6 +82,7 @@ class _Static:
     subsystem_device: str
     numa_node: int
     boot_vga: bool
+    iommu_group: str | None  # fixed for as long as the device stays plugged in
 
 
 def read_attr(path: str, dir_fd: int | None = None) -> str | None:
@@ -178,7 +179,7 @@ class SysfsScanner:
         driver = _link_name(f"{base}/driver")
         if driver is not None and driver not in known_drivers and not os.path.exists(f"{base}/driver"):
             return FunctionProblem(address, f"driver link is dangling (points to missing driver {driver!r})")
-        group = _link_name(f"{base}/iommu_group")
+        group = static.iommu_group
         if group is not None:
             if not group.isdigit():
                 return FunctionProblem(address, f"iommu_group link has an odd group name {group!r}")
@@ -299,7 +300,8 @@ def _finish_static(
     except ValueError:
         return FunctionProblem(address, f"garbled numa_node {numa_raw!r}")
     boot_vga = class_code.startswith("03") and read_attr("boot_vga", dir_fd) == "1"
-    return _Static(vendor, device, class_code, sub_vendor, sub_device, max(numa, -1), boot_vga)
+    group = _link_name("iommu_group", dir_fd)
+    return _Static(vendor, device, class_code, sub_vendor, sub_device, max(numa, -1), boot_vga, group)
 
 
 def is_vfio_driver(driver: str | None) -> bool:
