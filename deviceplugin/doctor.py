@@ -1,0 +1,288 @@
+"""Preflight checks: one verdict per check (ok / warn / fail), what was found, and the fix.
+
+The per-group verdicts come from discovery's reasons, so `doctor`, `inspect` and `serve` can never
+disagree about a device; this module only adds what discovery does not look at (kernel command line,
+modules, other plugins' sockets) and turns everything into advice.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import sys
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass
+
+from deviceplugin.config import Config
+from deviceplugin.discovery import GroupReport, Inventory, class_name, describe, discover
+from deviceplugin.naming import MAX_SOCKET_PATH, SOCKET_PREFIX, PciIds, resource_name_error, socket_name
+from deviceplugin.registration import KUBELET_SOCKET
+from deviceplugin.sysfs import SysfsScanner, is_vfio_driver
+
+OK, WARN, FAIL = "ok", "warn", "fail"
+
+
+@dataclass(frozen=True)
+class Check:
+    id: str
+    verdict: str
+    found: str
+    fix: str = ""
+
+
+@dataclass(frozen=True)
+class Node:
+    """What the checks read besides the inventory."""
+
+    cmdline: str | None
+    cpu_vendor: str  # "intel", "amd" or ""
+    plugin_dir: str
+    plugin_sockets: list[str] | None  # None: the directory cannot be read
+    vfio_driver_dir: bool  # bus/pci/drivers/vfio-pci exists (vfio-pci may be built in)
+
+
+def read_node(args: argparse.Namespace) -> Node:
+    cmdline = _read(os.path.join(args.proc_root, "cmdline"))
+    cpuinfo = _read(os.path.join(args.proc_root, "cpuinfo")) or ""
+    vendor = "intel" if "GenuineIntel" in cpuinfo else "amd" if "AuthenticAMD" in cpuinfo else ""
+    try:
+        sockets: list[str] | None = sorted(os.listdir(args.device_plugin_dir))
+    except OSError:
+        sockets = None
+    driver_dir = os.path.isdir(os.path.join(args.sysfs_root, "bus", "pci", "drivers", "vfio-pci"))
+    return Node(cmdline, vendor, args.device_plugin_dir, sockets, driver_dir)
+
+
+def _read(path: str) -> str | None:
+    try:
+        with open(path, encoding="utf-8", errors="replace") as f:
+            return f.read()
+    except OSError:
+        return None
+
+
+# --- host ---------------------------------------------------------------------------------------
+def iommu_fix(cpu_vendor: str) -> str:
+    if cpu_vendor == "amd":
+        return "enable IOMMU / AMD-Vi (and SVM) in the firmware setup; make sure amd_iommu=off is not on the kernel command line"
+    if cpu_vendor == "intel":
+        return "enable VT-d in the firmware setup and add intel_iommu=on to the kernel command line, then reboot"
+    return "enable VT-d (Intel) or AMD-Vi/IOMMU (AMD) in the firmware and add intel_iommu=on (Intel) to the kernel command line"
+
+
+def host_checks(inv: Inventory, node: Node) -> Iterator[Check]:
+    h = inv.host
+    if h.iommu_enabled:
+        units = ", ".join(h.iommu_units) or "no entry under /sys/class/iommu"
+        yield Check("iommu", OK, f"IOMMU on: {h.iommu_groups} groups ({units})")
+    else:
+        present = f"IOMMU hardware present ({', '.join(h.iommu_units)}) but " if h.iommu_units else ""
+        yield Check("iommu", FAIL, f"{present}no IOMMU groups under /sys/kernel/iommu_groups: IOMMU is off", iommu_fix(node.cpu_vendor))
+    yield from cmdline_checks(node)
+    missing = [m for m, loaded in h.modules.items() if not loaded and not (m == "vfio_pci" and node.vfio_driver_dir)]
+    if missing:
+        fix = f"modprobe {' '.join(m.replace('_', '-') for m in missing)}; persist with a file in /etc/modules-load.d/"
+        yield Check("vfio-modules", FAIL, f"not loaded: {', '.join(missing)}", fix)
+    else:
+        yield Check("vfio-modules", OK, "vfio, vfio_pci and vfio_iommu_type1 loaded")
+    if h.vfio_container:
+        yield Check("vfio-container", OK, "/dev/vfio/vfio present")
+    else:
+        yield Check("vfio-container", FAIL, "/dev/vfio/vfio missing", "load the vfio module; in a container, mount the host's /dev/vfio")
+
+
+def _flag(cmdline: str, name: str) -> str | None:
+    m = re.search(rf"(?:^|\s){re.escape(name)}=(\S*)", cmdline)
+    return m.group(1) if m else None
+
+
+def cmdline_checks(node: Node) -> Iterator[Check]:
+    if node.cmdline is None:
+        yield Check("cmdline", WARN, "cannot read /proc/cmdline", "run doctor with the host's /proc (--proc-root)")
+        return
+    cmd = node.cmdline.strip()
+    intel, amd = _flag(cmd, "intel_iommu"), _flag(cmd, "amd_iommu")
+    if intel is not None and "off" in intel.split(","):
+        yield Check("cmdline.iommu", FAIL, "intel_iommu=off on the kernel command line", "replace it with intel_iommu=on and reboot")
+    elif amd == "off":
+        yield Check("cmdline.iommu", FAIL, "amd_iommu=off on the kernel command line", "remove amd_iommu=off and reboot")
+    elif intel is not None and "on" in intel.split(","):
+        yield Check("cmdline.iommu", OK, f"intel_iommu={intel}")
+    elif node.cpu_vendor == "intel":
+        yield Check(
+            "cmdline.iommu",
+            WARN,
+            "intel_iommu=on not on the kernel command line (some kernels enable it by default)",
+            "add intel_iommu=on to the kernel command line",
+        )
+    else:
+        yield Check("cmdline.iommu", OK, f"amd_iommu={amd}" if amd else "no IOMMU override (AMD-Vi is on by default on AMD)")
+    if _flag(cmd, "iommu") == "pt":
+        yield Check("cmdline.iommu_pt", OK, "iommu=pt")
+    else:
+        yield Check(
+            "cmdline.iommu_pt",
+            WARN,
+            "iommu=pt not set (recommended: host devices keep full DMA speed)",
+            "add iommu=pt to the kernel command line",
+        )
+    ids = _flag(cmd, "vfio-pci.ids") or _flag(cmd, "vfio_pci.ids")
+    yield Check("cmdline.vfio_pci_ids", OK, f"vfio-pci.ids={ids}" if ids else "vfio-pci.ids not set (devices are bound at runtime)")
+    acs = _flag(cmd, "pcie_acs_override")
+    if acs is not None:
+        yield Check(
+            "cmdline.acs_override",
+            WARN,
+            f"pcie_acs_override={acs}: IOMMU groups are split by a kernel patch, not by the "
+            "hardware, so a VM may still reach devices of other groups by peer-to-peer DMA",
+            "use a slot with real ACS isolation (CPU-attached) and drop pcie_acs_override where isolation matters",
+        )
+    else:
+        yield Check("cmdline.acs_override", OK, "no ACS override")
+
+
+# --- groups -------------------------------------------------------------------------------------
+def _is_candidate(g: GroupReport) -> bool:
+    return any(fn.is_display or is_vfio_driver(fn.driver) for fn in g.functions)
+
+
+def group_checks(g: GroupReport) -> Iterator[Check]:
+    cid = f"group.{g.id}"
+    primary = next((fn for fn in g.functions if fn.address == g.primary), None)
+    what = f"group {g.id}: {describe(primary)}" if primary else f"group {g.id}"
+    on_vfio = [fn for fn in g.functions if is_vfio_driver(fn.driver)]
+    if g.offered:
+        yield Check(cid, OK, f"{what} offered as {g.resource}, device ID {g.primary}")
+    elif g.reasons and g.reasons[0].startswith("excluded by"):
+        yield Check(cid, OK, f"{what} not offered: {g.reasons[0]}")
+    elif not on_vfio:
+        yield Check(
+            cid,
+            OK,
+            f"{what} not offered: no function is bound to vfio-pci (the host may be using it, e.g. as its console GPU)",
+            f"to pass it through: {'; '.join(g.reasons)}" if g.reasons else "",
+        )
+    elif g.resource is None:
+        yield Check(cid, WARN, f"{what} is bound to vfio-pci but not offered", "; ".join(g.reasons))
+    else:
+        yield Check(cid, FAIL, f"{what} is not offered (a VM asking for it would fail)", "; ".join(g.reasons))
+    others = [fn for fn in g.functions if primary and fn.address[:-1] != primary.address[:-1] and not fn.is_pci_bridge]
+    if others and on_vfio:
+        listed = ", ".join(f"{fn.address} ({class_name(fn.class_code)}, {fn.driver or 'no driver'})" for fn in others)
+        yield Check(
+            f"{cid}.isolation",
+            WARN,
+            f"group {g.id} also holds devices that are not part of the card: {listed}; they can "
+            "only go to the same VM (poor ACS isolation)",
+            "move the card to a slot with its own IOMMU group (usually a CPU-attached slot)",
+        )
+    for fn in g.functions:
+        if fn.boot_vga and is_vfio_driver(fn.driver):
+            yield Check(
+                f"{cid}.boot_vga",
+                WARN,
+                f"{fn.address} is the boot VGA device and is bound to vfio-pci: the host console loses its display",
+                "use another GPU (or the iGPU) as the primary display in the firmware, or accept a headless host",
+            )
+
+
+def resource_checks(inv: Inventory, node: Node) -> Iterator[Check]:
+    for resource, ids in inv.pools.items():
+        if len(ids) > 1:
+            yield Check(
+                f"pool.{resource}",
+                WARN,
+                f"{resource} pools different devices: {', '.join(ids)}; a VM asking for it may get any of them",
+                "give each device id its own name with a config rule (vendor/device -> resource) if they are not interchangeable",
+            )
+    for resource in inv.devices:
+        error = resource_name_error(resource)
+        path = os.path.join(node.plugin_dir, socket_name(resource, node.plugin_dir))
+        if error:
+            yield Check(
+                f"name.{resource}", FAIL, f"{resource} is not a valid extended resource name: {error}", "rename it with a config rule"
+            )
+        elif len(path.encode()) > MAX_SOCKET_PATH:
+            yield Check(
+                f"name.{resource}",
+                FAIL,
+                f"socket path {path} is {len(path.encode())} bytes (limit {MAX_SOCKET_PATH})",
+                "use a shorter --device-plugin-dir",
+            )
+
+
+def _norm(text: str) -> str:
+    return re.sub(r"[^a-z0-9]", "", text.lower())
+
+
+def conflict_checks(inv: Inventory, node: Node) -> Iterator[Check]:
+    if node.plugin_sockets is None:
+        yield Check("conflicts", WARN, f"cannot read {node.plugin_dir}", "run doctor where the kubelet's device-plugin dir is mounted")
+        return
+    foreign = [s for s in node.plugin_sockets if s != KUBELET_SOCKET and not s.startswith(SOCKET_PREFIX)]
+    found = False
+    for resource in inv.devices:
+        full, part = _norm(resource), _norm(resource.split("/", 1)[1])
+        for sock in foreign:
+            stem = _norm(sock.removesuffix(".sock"))
+            if stem.endswith(full) or stem.endswith(part):
+                found = True
+                yield Check(
+                    f"conflict.{resource}",
+                    FAIL,
+                    f"{sock} in {node.plugin_dir} looks like another plugin publishing {resource}: "
+                    "the kubelet flips between the two registrations",
+                    "remove the resource from the other plugin (for KubeVirt: externalResourceProvider: true in "
+                    "permittedHostDevices; uninstall NVIDIA's kubevirt-gpu-device-plugin / Harvester's PCI plugin for it)",
+                )
+    if not found:
+        yield Check("conflicts", OK, f"no other plugin socket in {node.plugin_dir} publishes our resources")
+
+
+def summary_checks(inv: Inventory) -> Iterator[Check]:
+    if inv.problems:
+        listed = "; ".join(f"{p.address}: {p.reason}" for p in inv.problems)
+        yield Check("sysfs", WARN, f"{len(inv.problems)} function(s) skipped: {listed}", "check --sysfs-root points at a real sysfs")
+    offered = {r: sum(1 for d in devs if d.healthy) for r, devs in inv.devices.items()}
+    total = sum(offered.values())
+    if total:
+        yield Check("offered", OK, "offering " + ", ".join(f"{r}: {n}" for r, n in offered.items() if n))
+    else:
+        yield Check("offered", WARN, "this node offers no device", "see the group checks above for why")
+
+
+def run_checks(inv: Inventory, node: Node) -> list[Check]:
+    checks = list(host_checks(inv, node))
+    for g in inv.groups:
+        if _is_candidate(g):
+            checks.extend(group_checks(g))
+    checks.extend(resource_checks(inv, node))
+    checks.extend(conflict_checks(inv, node))
+    checks.extend(summary_checks(inv))
+    return checks
+
+
+def render(checks: list[Check]) -> str:
+    width = max((len(c.id) for c in checks), default=10)
+    lines = []
+    for c in checks:
+        lines.append(f"[{c.verdict:^4}] {c.id:<{width}}  {c.found}")
+        if c.fix and c.verdict != OK:
+            lines.append(f"       {'':<{width}}  fix: {c.fix}")
+    counts = {v: sum(1 for c in checks if c.verdict == v) for v in (OK, WARN, FAIL)}
+    lines.append(f"{counts[OK]} ok, {counts[WARN]} warn, {counts[FAIL]} fail")
+    return "\n".join(lines) + "\n"
+
+
+def run_doctor(args: argparse.Namespace, config: Config, pci_ids: PciIds) -> int:
+    inv = discover(SysfsScanner(args.sysfs_root, args.dev_root).scan(), config, pci_ids)
+    checks = run_checks(inv, read_node(args))
+    failed = any(c.verdict == FAIL for c in checks)
+    if args.json:
+        counts = {v: sum(1 for c in checks if c.verdict == v) for v in (OK, WARN, FAIL)}
+        print(json.dumps({"ok": not failed, "summary": counts, "checks": [asdict(c) for c in checks]}, indent=2))
+    else:
+        sys.stdout.write(render(checks))
+    return 1 if failed else 0

@@ -1,0 +1,148 @@
+"""doctor: every check's verdict and fix on fake nodes, the exit code and the JSON document."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+from conftest import PCI_IDS_PATH, inventory_of
+
+from deviceplugin.config import parse_config
+from deviceplugin.doctor import FAIL, OK, WARN, read_node, run_checks
+from deviceplugin.fakenode import FakeNode, Fn, gpu
+
+
+def checks_of(node: FakeNode, pci_ids, config=None, cpu: str = "GenuineIntel") -> dict[str, tuple[str, str, str]]:
+    (node.proc / "cpuinfo").write_text(f"vendor_id\t: {cpu}\n")
+    args = argparse.Namespace(proc_root=str(node.proc), device_plugin_dir=str(node.plugins), sysfs_root=str(node.sys))
+    checks = run_checks(inventory_of(node, pci_ids, config), read_node(args))
+    return {c.id: (c.verdict, c.found, c.fix) for c in checks}
+
+
+def test_a_good_node_passes(node, pci_ids):
+    node.add_all(gpu("0000:01:00.0", "2484", "228b", "13"))
+    checks = checks_of(node, pci_ids)
+    assert {cid: v for cid, (v, _, _) in checks.items() if v != OK} == {}
+    assert "offered as nvidia.com/GA104, device ID 0000:01:00.0" in checks["group.13"][1]
+    assert checks["offered"][1] == "offering nvidia.com/GA104: 1"
+
+
+@pytest.mark.parametrize(("cpu", "fix"), [("GenuineIntel", "intel_iommu=on"), ("AuthenticAMD", "AMD-Vi")])
+def test_iommu_off_fails_with_a_vendor_specific_fix(tmp_path, pci_ids, cpu, fix):
+    node = FakeNode(tmp_path).host(iommu=None, cmdline="BOOT_IMAGE=/vmlinuz")
+    verdict, found, text = checks_of(node, pci_ids, cpu=cpu)["iommu"]
+    assert verdict == FAIL and "IOMMU is off" in found and fix in text
+
+
+@pytest.mark.parametrize(
+    ("cmdline", "check", "verdict", "text"),
+    [
+        ("intel_iommu=off", "cmdline.iommu", FAIL, "intel_iommu=off"),
+        ("amd_iommu=off", "cmdline.iommu", FAIL, "amd_iommu=off"),
+        ("quiet", "cmdline.iommu", WARN, "intel_iommu=on not on the kernel command line"),
+        ("intel_iommu=on", "cmdline.iommu_pt", WARN, "iommu=pt not set"),
+        ("intel_iommu=on iommu=pt", "cmdline.iommu_pt", OK, "iommu=pt"),
+        ("vfio-pci.ids=10de:2484,10de:228b", "cmdline.vfio_pci_ids", OK, "vfio-pci.ids=10de:2484,10de:228b"),
+        ("pcie_acs_override=downstream,multifunction", "cmdline.acs_override", WARN, "peer-to-peer DMA"),
+    ],
+)
+def test_kernel_command_line(tmp_path, pci_ids, cmdline, check, verdict, text):
+    node = FakeNode(tmp_path).host(cmdline=cmdline)
+    got_verdict, found, _ = checks_of(node, pci_ids)[check]
+    assert got_verdict == verdict and text in found
+
+
+def test_missing_modules_and_dev_vfio(tmp_path, pci_ids):
+    node = FakeNode(tmp_path).host(modules=False)
+    checks = checks_of(node, pci_ids)
+    assert checks["vfio-modules"][0] == FAIL and "modprobe vfio vfio-pci vfio-iommu-type1" in checks["vfio-modules"][2]
+    assert checks["vfio-container"][0] == FAIL and "/dev/vfio/vfio missing" in checks["vfio-container"][1]
+
+
+def test_vfio_pci_built_in_is_accepted(tmp_path, pci_ids):
+    node = FakeNode(tmp_path).host()
+    os.rmdir(node.sys / "module" / "vfio_pci")
+    node.add_all(gpu("0000:01:00.0", "2484", "228b", "13"))  # creates bus/pci/drivers/vfio-pci
+    assert checks_of(node, pci_ids)["vfio-modules"][0] == OK
+
+
+def test_group_verdicts(node, pci_ids):
+    node.add_all(gpu("0000:01:00.0", "2484", "228b", "13"))
+    node.add_all(gpu("0000:02:00.0", "1b06", "10ef", "14", audio_driver="snd_hda_intel"))
+    node.add(Fn("0000:00:02.0", "8086", "4680", "030000", "i915", "2", boot_vga=True))
+    node.add(Fn("0000:05:00.0", "144d", "a808", "010802", "vfio-pci", "20"))
+    checks = checks_of(node, pci_ids)
+    assert checks["group.13"][0] == OK
+    verdict, found, fix = checks["group.14"]
+    assert verdict == FAIL and "a VM asking for it would fail" in found
+    assert "echo vfio-pci > /sys/bus/pci/devices/0000:02:00.1/driver_override" in fix
+    verdict, found, _ = checks["group.2"]
+    assert verdict == OK and "no function is bound to vfio-pci (the host may be using it" in found
+    verdict, found, fix = checks["group.20"]
+    assert verdict == WARN and 'add the config rule {class: "0108"}' in fix
+
+
+def test_poor_isolation_boot_vga_and_pooling_warn(node, pci_ids):
+    node.add_all(
+        [
+            Fn("0000:02:00.1", "1022", "43c8", "010601", "ahci", "15"),
+            Fn("0000:02:00.2", "1022", "43c6", "060400", "pcieport", "15"),
+            *gpu("0000:06:00.0", "128b", "0e0f", "15"),
+        ]
+    )
+    node.add(Fn("0000:01:00.0", "10de", "2484", "030000", "vfio-pci", "13", boot_vga=True))
+    node.add(Fn("0000:03:00.0", "10de", "2486", "030000", "vfio-pci", "16"))
+    checks = checks_of(node, pci_ids)
+    verdict, found, fix = checks["group.15.isolation"]
+    assert verdict == WARN and "0000:02:00.1 (SATA, ahci)" in found and "0000:02:00.2" not in found and "slot" in fix
+    assert checks["group.13.boot_vga"][0] == WARN and "host console loses its display" in checks["group.13.boot_vga"][1]
+    verdict, found, _ = checks["pool.nvidia.com/GA104"]
+    assert verdict == WARN and "10de:2484, 10de:2486" in found
+
+
+@pytest.mark.parametrize(
+    ("naming", "socket"),
+    [("short", "kubevirt-nvidia.com-GA104.sock"), ("full", "kubevirt-GA104_GEFORCE_RTX_3070.sock")],
+)
+def test_another_plugin_publishing_our_resource_fails(node, pci_ids, naming, socket):
+    node.add_all(gpu("0000:01:00.0", "2484", "228b", "13"))
+    (node.plugins / socket).touch()
+    (node.plugins / "kubevirt-kvm.sock").touch()
+    checks = checks_of(node, pci_ids, parse_config({"naming": naming}))
+    conflict = next(v for k, v in checks.items() if k.startswith("conflict."))
+    assert conflict[0] == FAIL and socket in conflict[1] and "flips" in conflict[1]
+    assert "externalResourceProvider: true" in conflict[2]
+
+
+def test_socket_path_over_the_limit_fails(tmp_path, pci_ids):
+    node = FakeNode(tmp_path).host()
+    node.add_all(gpu("0000:01:00.0", "2484", "228b", "13"))
+    node.plugins = node.root / ("p" * 110)
+    node.plugins.mkdir()
+    verdict, found, _ = checks_of(node, pci_ids)["name.nvidia.com/GA104"]
+    assert verdict == FAIL and "limit 107" in found
+
+
+def run_doctor(node: FakeNode, *extra: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "deviceplugin", "doctor", *extra, *node.cli_args(PCI_IDS_PATH)], capture_output=True, text=True, timeout=60
+    )
+
+
+def test_exit_codes_and_json(node):
+    node.add_all(gpu("0000:01:00.0", "2484", "228b", "13"))
+    good = run_doctor(node)
+    assert good.returncode == 0 and "[ ok ] group.13" in good.stdout and "0 fail" in good.stdout
+    node.add_all(gpu("0000:02:00.0", "1b06", "10ef", "14", audio_driver="snd_hda_intel"))
+    bad = run_doctor(node, "--json")
+    assert bad.returncode == 1
+    doc = json.loads(bad.stdout)
+    assert doc["ok"] is False and doc["summary"]["fail"] == 1
+    assert all(set(c) == {"id", "verdict", "found", "fix"} and c["verdict"] in ("ok", "warn", "fail") for c in doc["checks"])
+    assert next(c for c in doc["checks"] if c["id"] == "group.14")["verdict"] == "fail"
+    text = run_doctor(node)
+    assert text.returncode == 1 and "fix: 0000:02:00.1 (10de:10ef Audio) is bound to host driver snd_hda_intel" in text.stdout

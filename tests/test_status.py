@@ -1,0 +1,149 @@
+"""The live status of `serve`: /metrics (parsed with prometheus-client), /status, /healthz, and logs."""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+
+import grpc
+import pytest
+from conftest import PCI_IDS_PATH
+from prometheus_client.parser import text_string_to_metric_families
+
+from deviceplugin.fakekubelet import FakeKubelet
+from deviceplugin.fakenode import gpu
+from deviceplugin.status import StatusServer
+
+R = "nvidia.com/GA104"
+
+
+def get(port: int, path: str) -> tuple[int, str]:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=5) as response:
+            return response.status, response.read().decode()
+    except urllib.error.HTTPError as err:
+        return err.code, err.read().decode()
+
+
+def samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    out = {}
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            out[(s.name, tuple(sorted(s.labels.items())))] = s.value
+    return out
+
+
+@pytest.fixture
+def status(harness):
+    harness.node.add_all(gpu("0000:01:00.0", "2484", "228b", "13"))
+    harness.node.add_all(gpu("0000:02:00.0", "2484", "228b", "14"))
+    server = StatusServer(harness.daemon, 0, host="127.0.0.1")
+    server.start()
+    harness.start()
+    assert harness.kubelet.wait_for(lambda k: k.allocatable().get(R) == 2, 10)
+    try:
+        yield harness, server.port
+    finally:
+        server.stop()
+
+
+def test_metrics(status):
+    harness, port = status
+    harness.kubelet.allocate(R, "0000:01:00.0")
+    with pytest.raises(grpc.RpcError):
+        harness.kubelet.allocate(R, "0000:09:00.0")
+    code, text = get(port, "/metrics")
+    assert code == 200
+    m = samples(text)
+    assert m[("vfio_device_plugin_devices", (("health", "Healthy"), ("resource", R)))] == 2
+    assert m[("vfio_device_plugin_devices", (("health", "Unhealthy"), ("resource", R)))] == 0
+    assert m[("vfio_device_plugin_allocations_total", (("resource", R),))] == 1
+    assert m[("vfio_device_plugin_allocation_errors_total", (("reason", "unknown_device"), ("resource", R)))] == 1
+    assert m[("vfio_device_plugin_registrations_total", (("resource", R),))] >= 1
+    assert m[("vfio_device_plugin_rescans_total", ())] >= 1
+    assert m[("vfio_device_plugin_last_rescan_timestamp_seconds", ())] > time.time() - 60
+    assert ("vfio_device_plugin_rescan_duration_seconds", ()) in m
+
+
+def test_status_document(status):
+    harness, port = status
+    harness.kubelet.allocate(R, "0000:02:00.0")
+    code, body = get(port, "/status")
+    assert code == 200
+    doc = json.loads(body)
+    assert doc["resources"] == {R: ["0000:01:00.0", "0000:02:00.0"]}
+    reg = doc["registration"][R]
+    assert reg["registered"] is True and reg["since"] > 0 and reg["socket"].endswith("vfio-dp-nvidia.com_GA104.sock")
+    devices = {d["id"]: d for d in reg["devices"]}
+    assert devices["0000:02:00.0"]["last_allocate"]["resource"] == R
+    assert devices["0000:01:00.0"]["last_allocate"] is None
+    assert get(port, "/nope")[0] == 404
+
+
+def test_healthz_flips_when_the_registration_is_lost(status):
+    harness, port = status
+    assert get(port, "/healthz") == (200, "ok\n")
+    harness.kubelet.reject[R] = "plugin refused for the test"
+    harness.kubelet.restart()
+    deadline = time.monotonic() + 10
+    while get(port, "/healthz")[0] != 503:
+        assert time.monotonic() < deadline, "healthz never turned 503"
+        time.sleep(0.02)
+    code, body = get(port, "/healthz")
+    assert code == 503 and R in body and "not registered" in body
+    harness.kubelet.reject.clear()
+    harness.daemon.registrar.retry_now()
+    deadline = time.monotonic() + 10
+    while get(port, "/healthz")[0] != 200:
+        assert time.monotonic() < deadline, "healthz never recovered"
+        time.sleep(0.02)
+
+
+def test_serve_with_status_port_and_json_logs(node):
+    node.add_all(gpu("0000:01:00.0", "2484", "228b", "13"))
+    kubelet = FakeKubelet(str(node.plugins)).start()
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "deviceplugin",
+            "serve",
+            "--status-port",
+            "0",
+            "--log-format",
+            "json",
+            "--rescan-interval",
+            "0.2",
+            *node.cli_args(PCI_IDS_PATH),
+        ],
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    lines: list[dict] = []
+    try:
+        assert proc.stderr is not None
+        port = None
+        deadline = time.monotonic() + 20
+        while port is None or not any("registered nvidia.com/GA104" in line["msg"] for line in lines):
+            assert time.monotonic() < deadline, lines
+            lines.append(json.loads(proc.stderr.readline()))
+            m = re.search(r"status endpoint on port (\d+)", lines[-1]["msg"])
+            port = int(m.group(1)) if m else port
+        assert get(port, "/healthz")[0] == 200
+        (node.dev / "vfio" / "13").unlink()
+        while not any("unhealthy" in line["msg"] for line in lines):
+            assert time.monotonic() < deadline, lines
+            lines.append(json.loads(proc.stderr.readline()))
+        change = next(line for line in lines if "unhealthy" in line["msg"])
+        assert change["level"] == "warning"
+        assert change["msg"].startswith("group 13 (0000:01:00.0 10de:2484) of nvidia.com/GA104 unhealthy: /dev/vfio/13 is missing")
+        assert not any("Allocate" in line["msg"] for line in lines)  # no line per RPC
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+        kubelet.stop()
