@@ -1,0 +1,25 @@
+# vfio-device-plugin node agent.
+#   docker build -t ghcr.io/vfio-device-plugin/vfio-device-plugin:0.1.0 .
+# Stage 1 installs the package into a venv; stage 2 is the slim runtime with Debian's pci.ids
+# (resource names come from it) and nothing else: no compilers, no pip, no caches.
+FROM python:3.11-slim-bookworm AS build
+ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
+RUN python -m venv /opt/venv
+WORKDIR /src
+COPY pyproject.toml README.md ./
+COPY proto/ proto/
+COPY deviceplugin/ deviceplugin/
+RUN /opt/venv/bin/pip install --no-cache-dir . \
+ && /opt/venv/bin/pip uninstall -y pip setuptools \
+ && find /opt/venv -name __pycache__ -prune -exec rm -rf {} +
+
+FROM python:3.11-slim-bookworm
+RUN apt-get update \
+ && apt-get install -y --no-install-recommends pci.ids \
+ && rm -rf /var/lib/apt/lists/* \
+ && rm -rf /usr/local/lib/python3.11/site-packages/pip /usr/local/bin/pip*
+COPY --from=build /opt/venv /opt/venv
+ENV PATH=/opt/venv/bin:$PATH PYTHONUNBUFFERED=1 PYTHONDONTWRITEBYTECODE=1
+# Root without capabilities (the DaemonSet drops them all): the kubelet's device-plugin dir is root-owned.
+USER 0
+ENTRYPOINT ["vfio-device-plugin", "serve"]
