@@ -6,12 +6,18 @@ call is a one-device Allocate as the kubelet makes it (one ContainerAllocateRequ
 per-call sysfs recheck. Also prints the handler's own cost (pool.allocate in-process).
 Target: p99 <= 1 ms with one client.
 
+Two clients: Python threads (always), and, where a Go toolchain with Debian's grpc-go is installed
+(`apt-get install golang-go golang-google-grpc-dev`), benchmarks/goclient: grpc-go like the kubelet,
+one process per client. The Python client's own cost is a large part of its figures.
+
     python benchmarks/allocate_latency.py [--calls 20000]
 """
 
 from __future__ import annotations
 
 import argparse
+import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -71,6 +77,38 @@ def run(socket: str, ids: list[str], total: int, clients: int) -> tuple[list[flo
     return [s for r in results for s in r], time.perf_counter() - t0
 
 
+GO_CLIENT = Path(__file__).parent / "goclient" / "main.go"
+GOPATH = "/usr/share/gocode"  # Debian's golang-google-grpc-dev
+
+
+def build_go_client(out_dir: str) -> str | None:
+    if shutil.which("go") is None or not os.path.isdir(f"{GOPATH}/src/google.golang.org/grpc"):
+        return None
+    binary = os.path.join(out_dir, "allocclient")
+    env = {**os.environ, "GO111MODULE": "off", "GOPATH": GOPATH, "GOCACHE": os.path.join(out_dir, "gocache")}
+    result = subprocess.run(["go", "build", "-o", binary, str(GO_CLIENT)], env=env, capture_output=True, text=True)
+    return binary if result.returncode == 0 else None
+
+
+def run_go(binary: str, socket: str, ids: list[str], total: int, clients: int) -> tuple[list[float], float]:
+    requests = [
+        api.AllocateRequest(container_requests=[api.ContainerAllocateRequest(devices_ids=[i])]).SerializeToString().hex() for i in ids
+    ]
+    t0 = time.perf_counter()
+    procs = [
+        subprocess.Popen([binary, socket, str(total // clients), *requests], stdout=subprocess.PIPE, text=True) for _ in range(clients)
+    ]
+    samples = [int(line) / 1e6 for proc in procs for line in proc.communicate()[0].split()]
+    return samples, time.perf_counter() - t0
+
+
+def report(label: str, clients: int, samples: list[float], wall: float) -> None:
+    print(
+        f"{label:>8} {clients:>7} {len(samples):>6} {statistics.median(samples) * 1e3:>6.3f} ms {percentile(samples, 99) * 1e3:>6.3f} ms "
+        f"{max(samples) * 1e3:>6.3f} ms {len(samples) / wall:>8.0f}"
+    )
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--calls", type=int, default=20000)
@@ -100,13 +138,14 @@ def main() -> int:
                 if time.monotonic() > deadline or server.poll() is not None:
                     raise SystemExit("the plugin did not start serving")
                 time.sleep(0.05)
-            print(f"{'clients':>7} {'calls':>6} {'p50':>9} {'p99':>9} {'max':>9} {'calls/s':>8}")
+            go_client = build_go_client(root)
+            print(f"{'client':>8} {'clients':>7} {'calls':>6} {'p50':>9} {'p99':>9} {'max':>9} {'calls/s':>8}")
             for clients in (1, 8):
-                samples, wall = run(str(socket), ids, args.calls, clients)
-                print(
-                    f"{clients:>7} {len(samples):>6} {statistics.median(samples) * 1e3:>6.3f} ms {percentile(samples, 99) * 1e3:>6.3f} ms "
-                    f"{max(samples) * 1e3:>6.3f} ms {len(samples) / wall:>8.0f}"
-                )
+                if go_client:
+                    report("grpc-go", clients, *run_go(go_client, str(socket), ids, args.calls, clients))
+                report("python", clients, *run(str(socket), ids, args.calls, clients))
+            if not go_client:
+                print("(no Go toolchain with grpc-go here: only the Python client was measured)")
         finally:
             server.terminate()
             server.wait(timeout=10)
