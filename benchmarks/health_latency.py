@@ -12,14 +12,11 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from synthetic import RESOURCE, TMP, gpu_node, percentile, start_serve, wait_until
-
-from deviceplugin.fakekubelet import FakeKubelet
+from synthetic import RESOURCE, percentile, serving, wait_until
 
 
 def main() -> int:
@@ -27,37 +24,26 @@ def main() -> int:
     parser.add_argument("--events", type=int, default=200)
     parser.add_argument("--functions", type=int, default=64)
     args = parser.parse_args()
-    with tempfile.TemporaryDirectory(prefix="vdp", dir=TMP) as root:
-        node = gpu_node(root, args.functions)
-        kubelet = FakeKubelet(str(node.plugins)).start()
-        proc = start_serve(node)
-        try:
-            devices = args.functions // 4
-            wait_until(lambda: kubelet.allocatable().get(RESOURCE) == devices, 30, "registration")
-            first = sorted(kubelet.devices(RESOURCE))[0]
-            group = "100"  # synthetic.gpu_node numbers groups from 100, in address order
-            devnode = node.dev / "vfio" / group
-            samples = []
-            for n in range(args.events):
-                want = "Unhealthy" if n % 2 == 0 else "Healthy"
-                seen = len(kubelet.update_log)
-                t0 = time.monotonic()
-                if want == "Unhealthy":
-                    devnode.unlink()
-                else:
-                    devnode.touch()
-                wait_until(lambda want=want: kubelet.devices(RESOURCE).get(first) == want, 5, f"{first} {want}")
-                arrived = next(t for t, r, d in kubelet.update_log[seen:] if r == RESOURCE and d.get(first) == want)
-                samples.append(arrived - t0)
-            print(f"node: {args.functions} functions ({devices} devices); {len(samples)} events")
-            print(
-                f"health event -> kubelet update: p50 {statistics.median(samples) * 1e3:.1f} ms, "
-                f"p99 {percentile(samples, 99) * 1e3:.1f} ms, max {max(samples) * 1e3:.1f} ms"
-            )
-        finally:
-            proc.terminate()
-            proc.wait(timeout=10)
-            kubelet.stop()
+    with serving(args.functions) as (node, kubelet, _):
+        first = sorted(kubelet.devices(RESOURCE))[0]
+        devnode = node.dev / "vfio" / "100"  # synthetic.gpu_node numbers groups from 100, in address order
+        samples = []
+        for n in range(args.events):
+            want = "Unhealthy" if n % 2 == 0 else "Healthy"
+            seen = len(kubelet.update_log)
+            t0 = time.monotonic()
+            if want == "Unhealthy":
+                devnode.unlink()
+            else:
+                devnode.touch()
+            wait_until(lambda want=want: kubelet.devices(RESOURCE).get(first) == want, 5, f"{first} {want}")
+            arrived = next(t for t, r, d in kubelet.update_log[seen:] if r == RESOURCE and d.get(first) == want)
+            samples.append(arrived - t0)
+    print(f"node: {args.functions} functions ({args.functions // 4} devices); {len(samples)} events")
+    print(
+        f"health event -> kubelet update: p50 {statistics.median(samples) * 1e3:.1f} ms, "
+        f"p99 {percentile(samples, 99) * 1e3:.1f} ms, max {max(samples) * 1e3:.1f} ms"
+    )
     return 0
 
 

@@ -21,16 +21,13 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).parent))
 from synthetic import (
     PCI_IDS_TEXT,
-    RESOURCE,
     TMP,
     gpu_node,
-    start_serve,
-    wait_until,
+    serving,
 )
 
 from deviceplugin.config import Config
 from deviceplugin.daemon import Daemon, Options
-from deviceplugin.fakekubelet import FakeKubelet
 from deviceplugin.naming import parse_pci_ids
 
 TICKS = os.sysconf("SC_CLK_TCK")
@@ -74,24 +71,14 @@ def main() -> int:
     for functions in (1024, 4096):
         unchanged, full = rescan_cost(functions)
         print(f"one rescan, {functions} functions: unchanged {unchanged * 1e3:.1f} ms, full reconcile {full * 1e3:.1f} ms")
-    with tempfile.TemporaryDirectory(prefix="vdp", dir=TMP) as root:
-        node = gpu_node(root, 1024)
-        kubelet = FakeKubelet(str(node.plugins)).start()
-        proc = start_serve(node)
-        try:
-            wait_until(lambda: kubelet.allocatable().get(RESOURCE) == 256, 60, "registration")
-            time.sleep(2)  # let start-up settle
-            c0, t0 = cpu_seconds(proc.pid), time.monotonic()
-            time.sleep(args.seconds)
-            c1, t1 = cpu_seconds(proc.pid), time.monotonic()
-            print(
-                f"serve idle on 1024 functions, {t1 - t0:.0f} s: CPU {100 * (c1 - c0) / (t1 - t0):.2f} % of one core "
-                f"({c1 - c0:.2f} s), RSS {rss_mb(proc.pid):.1f} MB"
-            )
-        finally:
-            proc.terminate()
-            proc.wait(timeout=10)
-            kubelet.stop()
+    with serving(1024) as (_, _, proc):
+        time.sleep(2)  # let start-up settle
+        c0, t0 = cpu_seconds(proc.pid), time.monotonic()
+        time.sleep(args.seconds)
+        c1, t1 = cpu_seconds(proc.pid), time.monotonic()
+        rss = rss_mb(proc.pid)
+    cpu = 100 * (c1 - c0) / (t1 - t0)
+    print(f"serve idle on 1024 functions, {t1 - t0:.0f} s: CPU {cpu:.2f} % of one core ({c1 - c0:.2f} s), RSS {rss:.1f} MB")
     return 0
 
 

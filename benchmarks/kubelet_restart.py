@@ -11,41 +11,29 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from synthetic import RESOURCE, TMP, gpu_node, percentile, start_serve, wait_until
-
-from deviceplugin.fakekubelet import FakeKubelet
+from synthetic import RESOURCE, percentile, serving, wait_until
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--restarts", type=int, default=50)
     args = parser.parse_args()
-    with tempfile.TemporaryDirectory(prefix="vdp", dir=TMP) as root:
-        node = gpu_node(root, 32)
-        kubelet = FakeKubelet(str(node.plugins)).start()
-        proc = start_serve(node)
-        try:
-            wait_until(lambda: kubelet.allocatable().get(RESOURCE) == 8, 30, "registration")
-            samples = []
-            for _ in range(args.restarts):
-                kubelet.restart()
-                t0 = time.monotonic()
-                wait_until(lambda: kubelet.allocatable().get(RESOURCE) == 8, 15, "re-registration")
-                samples.append(time.monotonic() - t0)
-            print(
-                f"{len(samples)} kubelet restarts -> re-registered with the full list: "
-                f"p50 {statistics.median(samples) * 1e3:.0f} ms, p99 {percentile(samples, 99) * 1e3:.0f} ms, "
-                f"max {max(samples) * 1e3:.0f} ms"
-            )
-        finally:
-            proc.terminate()
-            proc.wait(timeout=10)
-            kubelet.stop()
+    with serving(32) as (_, kubelet, _):
+        samples = []
+        for _ in range(args.restarts):
+            kubelet.restart()
+            t0 = time.monotonic()
+            wait_until(lambda: kubelet.allocatable().get(RESOURCE) == 8, 15, "re-registration")
+            samples.append(time.monotonic() - t0)
+    print(
+        f"{len(samples)} kubelet restarts -> re-registered with the full list: "
+        f"p50 {statistics.median(samples) * 1e3:.0f} ms, p99 {percentile(samples, 99) * 1e3:.0f} ms, "
+        f"max {max(samples) * 1e3:.0f} ms"
+    )
     return 0
 
 

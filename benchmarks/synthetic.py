@@ -5,9 +5,13 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
+from deviceplugin.fakekubelet import FakeKubelet
 from deviceplugin.fakenode import FakeNode, Fn
 
 PCI_IDS_TEXT = "10de  NVIDIA Corporation\n\t1e84  TU104 [GeForce RTX 2070 SUPER]\n"
@@ -54,3 +58,19 @@ def wait_until(predicate, timeout: float, what: str) -> None:
         if time.monotonic() > deadline:
             raise SystemExit(f"timed out waiting for {what}")
         time.sleep(0.002)
+
+
+@contextmanager
+def serving(functions: int) -> Iterator[tuple[FakeNode, FakeKubelet, subprocess.Popen[bytes]]]:
+    """A synthetic node served by `serve` in its own process and registered with a test kubelet."""
+    with tempfile.TemporaryDirectory(prefix="vdp", dir=TMP) as root:
+        node = gpu_node(root, functions)
+        kubelet = FakeKubelet(str(node.plugins)).start()
+        proc = start_serve(node)
+        try:
+            wait_until(lambda: kubelet.allocatable().get(RESOURCE) == functions // 4, 60, "registration")
+            yield node, kubelet, proc
+        finally:
+            proc.terminate()
+            proc.wait(timeout=10)
+            kubelet.stop()
