@@ -142,12 +142,17 @@ def _naming(primary: PciFunction, rule: Rule | None, config: Config, db: PciIds)
     return auto_name(primary.vendor, primary.device, db, config.naming)
 
 
-def _health_reasons(group: str, functions: tuple[PciFunction, ...], primary: PciFunction, devnodes: frozenset[str]) -> list[str]:
+def _health_reasons(group: str, functions: tuple[PciFunction, ...], primary: PciFunction, snapshot: NodeSnapshot) -> list[str]:
     reasons = [blocker_reason(fn) for fn in functions if blocks_group(fn)]
+    reasons += [
+        f"{p.address} in this group could not be read ({p.reason}), so the group cannot be checked"
+        for p in snapshot.problems
+        if p.iommu_group == group
+    ]
     if not is_vfio_driver(primary.driver) and not blocks_group(primary):
         bound = f"bound to {primary.driver}" if primary.driver else "bound to no driver"
         reasons.append(f"{describe(primary)} is {bound}, so a VM cannot open it: bind it to vfio-pci ({bind_commands(primary.address)})")
-    if not reasons and group not in devnodes:
+    if not reasons and group not in snapshot.devnodes:
         reasons.append(
             f"/dev/vfio/{group} is missing although the group is bound to vfio-pci (is the vfio module loaded and /dev mounted?)"
         )
@@ -158,7 +163,7 @@ def _report_group(
     group: str, functions: tuple[PciFunction, ...], snapshot: NodeSnapshot, config: Config, db: PciIds
 ) -> tuple[GroupReport, Device | None]:
     names = tuple(db.device_name(fn.vendor, fn.device) for fn in functions)
-    viable = not any(blocks_group(fn) for fn in functions)
+    viable = not any(blocks_group(fn) for fn in functions) and not any(p.iommu_group == group for p in snapshot.problems)
     primary = pick_primary(functions)
     rule = _match_rule(config.rules, functions, primary)
     selected_by: str | None = None
@@ -168,7 +173,7 @@ def _report_group(
         reasons = ["not a passthrough candidate: no display controller and no function bound to vfio-pci"]
     elif rule is not None or any(primary.class_code.startswith(c) for c in config.classes):
         selected_by = rule.describe() if rule is not None else f"class {primary.class_code[:4]} is offered by default"
-        reasons = _health_reasons(group, functions, primary, snapshot.devnodes)
+        reasons = _health_reasons(group, functions, primary, snapshot)
     else:
         reasons = [
             f"{describe(primary)} is bound to vfio-pci but no rule selects it: add the config rule "

@@ -29,7 +29,7 @@ def inventory_json(inv: Inventory, pci_ids: PciIds, naming: str) -> dict[str, An
         "groups": [_group_json(g) for g in inv.groups],
         "resources": offered_resources(inv),
         "pools": {r: list(ids) for r, ids in inv.pools.items()},
-        "problems": [{"address": p.address, "reason": p.reason} for p in inv.problems],
+        "problems": [{"address": p.address, "reason": p.reason, "iommu_group": p.iommu_group} for p in inv.problems],
         "ungrouped": [fn.address for fn in inv.ungrouped],
     }
 

@@ -50,6 +50,7 @@ class PciFunction:
 class FunctionProblem:
     address: str
     reason: str
+    iommu_group: str | None = None  # where still readable: the group cannot be trusted without this function
 
 
 @dataclass(frozen=True)
@@ -118,6 +119,20 @@ def _link_name(path: str, dir_fd: int | None = None) -> str | None:
         return None
 
 
+def _with_group(problem: FunctionProblem, base: str) -> FunctionProblem:
+    group = _link_name(f"{base}/iommu_group")
+    if group is None or not group.isdigit():
+        return problem
+    return FunctionProblem(problem.address, problem.reason, group)
+
+
+def _listing(path: str) -> frozenset[str] | None:
+    try:
+        return frozenset(os.listdir(path))
+    except OSError:
+        return None
+
+
 def _listdir(path: str) -> list[str]:
     try:
         return os.listdir(path)
@@ -143,8 +158,9 @@ class SysfsScanner:
     def scan(self) -> NodeSnapshot:
         functions: list[PciFunction] = []
         problems: list[FunctionProblem] = []
-        known_groups = frozenset(_listdir(os.path.join(self.sysfs_root, "kernel", "iommu_groups")))
-        known_drivers = frozenset(_listdir(os.path.join(self.sysfs_root, "bus", "pci", "drivers")))
+        # None where the directory itself is absent (a minimal tree): links cannot be judged dangling then.
+        known_groups = _listing(os.path.join(self.sysfs_root, "kernel", "iommu_groups"))
+        known_drivers = _listing(os.path.join(self.sysfs_root, "bus", "pci", "drivers"))
         iommufd = os.path.exists(os.path.join(self.dev_root, "iommu"))
         seen: set[str] = set()
         try:
@@ -157,17 +173,18 @@ class SysfsScanner:
             if isinstance(result, PciFunction):
                 functions.append(result)
             else:
-                problems.append(result)
+                problems.append(_with_group(result, entry.path))
         for gone in self._static.keys() - seen:
             del self._static[gone]
         for gone in self._records.keys() - seen:
             del self._records[gone]
         functions.sort(key=lambda f: f.address)
         problems.sort(key=lambda p: p.address)
-        return NodeSnapshot(tuple(functions), tuple(problems), self._host(len(known_groups)), self._devnodes())
+        groups = len(known_groups) if known_groups else len({f.iommu_group for f in functions if f.iommu_group})
+        return NodeSnapshot(tuple(functions), tuple(problems), self._host(groups), self._devnodes())
 
     def _read_function(
-        self, entry: os.DirEntry[str], known_groups: frozenset[str], known_drivers: frozenset[str], iommufd: bool
+        self, entry: os.DirEntry[str], known_groups: frozenset[str] | None, known_drivers: frozenset[str] | None, iommufd: bool
     ) -> PciFunction | FunctionProblem:
         address = entry.name
         if not ADDRESS_RE.match(address):
@@ -177,13 +194,13 @@ class SysfsScanner:
         if isinstance(static, FunctionProblem):
             return static
         driver = _link_name(f"{base}/driver")
-        if driver is not None and driver not in known_drivers and not os.path.exists(f"{base}/driver"):
+        if driver is not None and known_drivers is not None and driver not in known_drivers and not os.path.exists(f"{base}/driver"):
             return FunctionProblem(address, f"driver link is dangling (points to missing driver {driver!r})")
         group = static.iommu_group
         if group is not None:
             if not group.isdigit():
                 return FunctionProblem(address, f"iommu_group link has an odd group name {group!r}")
-            if group not in known_groups and not os.path.exists(f"{base}/iommu_group"):
+            if known_groups is not None and group not in known_groups and not os.path.exists(f"{base}/iommu_group"):
                 return FunctionProblem(address, f"iommu_group link is dangling (group {group} does not exist)")
         cdev = None
         if iommufd and is_vfio_driver(driver):  # the cdev only matters (and exists) with iommufd

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 
 import pytest
 from conftest import inventory_of
@@ -269,3 +270,29 @@ def test_iommufd_char_devices_are_discovered(node, pci_ids):
     inv = inventory_of(node, pci_ids)
     assert inv.host.iommufd
     assert inv.devices["nvidia.com/GA104"][0].vfio_cdevs == ("vfio0", "vfio1")
+
+
+def test_a_minimal_tree_without_driver_and_group_directories_is_still_read(tmp_path, pci_ids):
+    """Links whose targets a tree builder never created are read by name, not thrown away."""
+    node = FakeNode(tmp_path).host()
+    node.add_all(gpu("0000:01:00.0", "2484", "228b", "13"))
+    shutil.rmtree(node.sys / "bus" / "pci" / "drivers")
+    shutil.rmtree(node.sys / "kernel" / "iommu_groups")
+    inv = inventory_of(node, pci_ids)
+    assert inv.problems == () and inv.host.iommu_groups == 1 and inv.host.iommu_enabled
+    assert offered(inv) == {"nvidia.com/GA104": ["0000:01:00.0"]}
+
+
+def test_dangling_driver_link_is_reported(node, pci_ids):
+    node.add_all(gpu("0000:01:00.0", "2484", "228b", "13"))
+    link = node.device_dir("0000:01:00.1") / "driver"
+    link.unlink()
+    link.symlink_to("../../../bus/pci/drivers/ghost")
+    inv = inventory_of(node, pci_ids)
+    assert [(p.address, "dangling" in p.reason and "ghost" in p.reason, p.iommu_group) for p in inv.problems] == [
+        ("0000:01:00.1", True, "13")
+    ]
+    # the GPU is readable, but its group holds a function nobody can vouch for: not offered
+    g = group(inv, "13")
+    assert not g.viable and not g.offered
+    assert "0000:01:00.1 in this group could not be read" in g.reasons[0]
