@@ -169,7 +169,7 @@ def group_checks(g: GroupReport) -> Iterator[Check]:
     else:
         yield Check(cid, FAIL, f"{what} is not offered (a VM asking for it would fail)", "; ".join(g.reasons))
     others = [fn for fn in g.functions if primary and fn.address[:-1] != primary.address[:-1] and not fn.is_pci_bridge]
-    if others and on_vfio:
+    if others:
         listed = ", ".join(f"{fn.address} ({class_name(fn.class_code)}, {fn.driver or 'no driver'})" for fn in others)
         yield Check(
             f"{cid}.isolation",

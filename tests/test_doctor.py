@@ -86,6 +86,17 @@ def test_group_verdicts(node, pci_ids):
     assert verdict == WARN and 'add the config rule {class: "0108"}' in fix
 
 
+def test_poor_isolation_is_reported_before_anything_is_bound(node, pci_ids):
+    node.add_all(
+        [
+            Fn("0000:05:00.0", "10ec", "8125", "020000", "r8169", "15"),
+            *gpu("0000:06:00.0", "128b", "0e0f", "15", driver="nouveau", audio_driver="snd_hda_intel"),
+        ]
+    )
+    verdict, found, _ = checks_of(node, pci_ids)["group.15.isolation"]
+    assert verdict == WARN and "0000:05:00.0 (Ethernet, r8169)" in found
+
+
 def test_poor_isolation_boot_vga_and_pooling_warn(node, pci_ids):
     node.add_all(
         [
