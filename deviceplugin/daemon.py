@@ -72,9 +72,11 @@ class Daemon:
         os.makedirs(self.options.plugin_dir, exist_ok=True)
         self._remove_stale_sockets()
         self._kubelet_inode = _inode(os.path.join(self.options.plugin_dir, KUBELET_SOCKET))
+        # Watch before the first scan: a change between the scan and the watch would otherwise
+        # go unseen until the next timer rescan.
+        self.watcher.start()
         self.reconcile()
         self.registrar.start()
-        self.watcher.start()
 
     def loop(self, stop: threading.Event) -> None:
         interval = self.options.rescan_interval
