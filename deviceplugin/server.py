@@ -42,6 +42,7 @@ class DevicePluginServicer(api_grpc.DevicePluginServicer):
         self.pool = pool
         self.recorder = recorder or Recorder()
         self.closing = threading.Event()
+        self.farewell = False  # on closing, send an empty list first (a real stop, not a socket restart)
 
     def GetDevicePluginOptions(self, request: api.Empty, context: grpc.ServicerContext) -> api.DevicePluginOptions:
         return api.DevicePluginOptions(pre_start_required=False, get_preferred_allocation_available=True)
@@ -59,7 +60,8 @@ class DevicePluginServicer(api_grpc.DevicePluginServicer):
         while True:
             changed = self.pool.wait_for_change(self.resource, version, WAKE_INTERVAL, lambda: gone.is_set() or self.closing.is_set())
             if self.closing.is_set() or self.pool.stopped:
-                yield api.ListAndWatchResponse(devices=[])
+                if self.farewell or self.pool.stopped:
+                    yield api.ListAndWatchResponse(devices=[])
                 return
             if gone.is_set() or not context.is_active():
                 return
@@ -132,6 +134,7 @@ class PluginServer:
         self._server = self._servicer = None
         if server is None or servicer is None:
             return None
+        servicer.farewell = farewell
         servicer.closing.set()
         self.pool.wake()
         return server.stop(grace=1.0 if farewell else 0)
