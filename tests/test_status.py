@@ -46,6 +46,11 @@ def status(harness):
     server.start()
     harness.start()
     assert harness.kubelet.wait_for(lambda k: k.allocatable().get(R) == 2, 10)
+    # the kubelet streams devices before its Register call returns: wait for the plugin's side too
+    deadline = time.monotonic() + 10
+    while R not in harness.daemon.registration_state()[0]:
+        assert time.monotonic() < deadline, "the plugin never recorded its registration"
+        time.sleep(0.01)
     try:
         yield harness, server.port
     finally:
