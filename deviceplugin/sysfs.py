@@ -43,7 +43,8 @@ class PciFunction:
 
     @property
     def is_pci_bridge(self) -> bool:
-        return self.class_code.startswith("0604")
+        """PCI-to-PCI (0604, 0609) and CardBus (0607) bridges: the kernel's non-type-0 headers."""
+        return self.class_code[:4] in ("0604", "0607", "0609")
 
 
 @dataclass(frozen=True, slots=True)

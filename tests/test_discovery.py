@@ -68,6 +68,14 @@ def test_root_port_on_pcieport_inside_the_gpu_group_is_viable(node, pci_ids):
     assert offered(inv) == {"nvidia.com/GM206": ["0000:01:00.0"]}
 
 
+def test_a_bridge_on_another_driver_is_allowed_like_the_kernel_does(node, pci_ids):
+    node.add(Fn("0000:00:1c.0", "8086", "a338", "060400", "shpchp", "1"))
+    node.add_all(gpu("0000:01:00.0", "1401", "0fba", "1"))
+    inv = inventory_of(node, pci_ids)
+    assert offered(inv) == {"nvidia.com/GM206": ["0000:01:00.0"]}
+    assert [a for a, _ in inv.devices["nvidia.com/GM206"][0].drivers] == ["0000:01:00.0", "0000:01:00.1"]
+
+
 def test_a_non_bridge_on_pcieport_still_blocks(node, pci_ids):
     node.add(Fn("0000:00:01.0", "8086", "1901", "088000", "pcieport", "1"))
     node.add_all(gpu("0000:01:00.0", "1401", "0fba", "1"))
