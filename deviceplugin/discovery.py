@@ -50,7 +50,7 @@ class Device:
     numa_node: int
     ids: str  # vendor:device of the primary function
     addresses: tuple[str, ...]  # every function of the group
-    drivers: tuple[tuple[str, str | None], ...]  # (address, driver) of the endpoints as scanned: the Allocate recheck
+    drivers: tuple[tuple[str, str | None], ...]  # (address, driver) as scanned, for the Allocate recheck
     vfio_cdevs: tuple[str, ...]  # iommufd char devices (vfioN) of the group's vfio-bound functions
     healthy: bool
     reason: str = ""
@@ -105,12 +105,13 @@ def bind_commands(address: str) -> str:
 def blocks_group(fn: PciFunction) -> bool:
     """True when this function's driver makes its VFIO group non-viable.
 
-    The kernel's rule (vfio_dev_driver_allowed): endpoints must be on a vfio driver, pci-stub or no
-    driver; bridges (non-type-0 headers) may keep any driver, usually pcieport.
+    Since Linux 5.19 the IOMMU core decides (DMA ownership): a user-owned group may only share with
+    devices that are unbound or on a driver that manages no DMA of its own: vfio drivers, pci-stub,
+    and pcieport on bridges. (Older kernels let bridges keep any driver; the stricter rule holds on both.)
     """
     if fn.driver is None or fn.driver == "pci-stub" or is_vfio_driver(fn.driver):
         return False
-    return not fn.is_pci_bridge
+    return not (fn.is_pci_bridge and fn.driver == "pcieport")
 
 
 def blocker_reason(fn: PciFunction) -> str:
@@ -197,7 +198,7 @@ def _report_group(
         numa_node=primary.numa_node,
         ids=primary.ids,
         addresses=tuple(fn.address for fn in functions),
-        drivers=tuple((fn.address, fn.driver) for fn in functions if not fn.is_pci_bridge),
+        drivers=tuple((fn.address, fn.driver) for fn in functions),
         vfio_cdevs=tuple(fn.vfio_cdev for fn in functions if fn.vfio_cdev),
         healthy=healthy,
         reason="; ".join(reasons),
