@@ -107,11 +107,13 @@ def blocks_group(fn: PciFunction) -> bool:
 
     Since Linux 5.19 the IOMMU core decides (DMA ownership): a user-owned group may only share with
     devices that are unbound or on a driver that manages no DMA of its own: vfio drivers, pci-stub,
-    and pcieport on bridges. (Older kernels let bridges keep any driver; the stricter rule holds on both.)
+    and pcieport (on bridges and event collectors). Older kernels let bridges keep any driver; the
+    stricter rule holds on both.
     """
     if fn.driver is None or fn.driver == "pci-stub" or is_vfio_driver(fn.driver):
         return False
-    return not (fn.is_pci_bridge and fn.driver == "pcieport")
+    # pcieport binds bridges and Root Complex Event Collectors (class 0807)
+    return not (fn.driver == "pcieport" and (fn.is_pci_bridge or fn.class_code.startswith("0807")))
 
 
 def blocker_reason(fn: PciFunction) -> str:

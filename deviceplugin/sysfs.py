@@ -323,10 +323,12 @@ def _finish_static(
 
 
 def is_vfio_driver(driver: str | None) -> bool:
-    """vfio-pci itself or one of its variant drivers (nvgrace_gpu_vfio_pci, mlx5_vfio_pci, ...)."""
-    if driver is None:
-        return False
-    return driver == "vfio-pci" or driver.endswith("_vfio_pci") or driver.endswith("-vfio-pci")
+    """vfio-pci or a variant driver: nvgrace_gpu_vfio_pci, mlx5_vfio_pci, pds_vfio_pci, xe-vfio-pci, ...
+
+    Their names follow no single pattern; every PCI driver with "vfio" in its name hands the
+    device to userspace.
+    """
+    return driver is not None and "vfio" in driver
 
 
 def current_driver(sysfs_root: str, address: str) -> str | None:

@@ -139,10 +139,17 @@ def test_missing_dev_vfio_node_is_not_offered(node, pci_ids):
     assert "/dev/vfio/13 is missing" in group(inv, "13").reasons[0]
 
 
-def test_vfio_pci_variant_drivers_count_as_vfio(node, pci_ids):
-    node.add(Fn("0000:09:01.0", "10de", "2330", "030200", "nvgrace_gpu_vfio_pci", "40"))
+@pytest.mark.parametrize("driver", ["nvgrace_gpu_vfio_pci", "xe-vfio-pci", "pds_vfio_pci"])
+def test_vfio_pci_variant_drivers_count_as_vfio(node, pci_ids, driver):
+    node.add(Fn("0000:09:01.0", "10de", "2330", "030200", driver, "40"))
     node.sync_devnode("40")
     assert offered(inventory_of(node, pci_ids)) == {"nvidia.com/GH100": ["0000:09:01.0"]}
+
+
+def test_a_root_complex_event_collector_on_pcieport_is_allowed(node, pci_ids):
+    node.add(Fn("0000:00:1f.7", "8086", "09a9", "080700", "pcieport", "1"))
+    node.add_all(gpu("0000:01:00.0", "1401", "0fba", "1"))
+    assert offered(inventory_of(node, pci_ids)) == {"nvidia.com/GM206": ["0000:01:00.0"]}
 
 
 def test_pci_stub_and_unbound_siblings_keep_the_group_viable(node, pci_ids):
