@@ -12,7 +12,7 @@ import yaml
 from deviceplugin.discovery import Inventory
 
 
-def pci_host_devices(inv: Inventory) -> list[dict[str, object]]:
+def pci_host_devices(inv: Inventory) -> list[dict[str, str | bool]]:
     """One entry per vendor:device id among the devices offered, with the resource it is offered as."""
     entries: dict[str, str] = {}
     for resource, devices in inv.devices.items():

@@ -46,7 +46,7 @@ def register(plugin_dir: str, resource: str, endpoint: str, timeout: float = REG
         with grpc.insecure_channel(f"unix://{kubelet}") as channel:
             api_grpc.RegistrationStub(channel).Register(request, timeout=timeout)
     except grpc.RpcError as exc:
-        raise RegistrationError(f"{exc.code().name}: {exc.details()}") from exc  # type: ignore[attr-defined]
+        raise RegistrationError(f"{exc.code().name}: {exc.details()}") from exc
 
 
 @dataclass
@@ -108,15 +108,23 @@ class Registrar:
             return resource, self._pending[resource]
         return None
 
+    def _wait_for_due(self) -> tuple[str, _Pending] | None:
+        """The next registration to attempt, or None once stopped. Call with the lock held."""
+        while not self._stop:
+            item = self._next_due()
+            if item is not None:
+                return item
+            wake = min((p.due for p in self._pending.values()), default=None)
+            self._cond.wait(None if wake is None else max(wake - time.monotonic(), 0.01))
+        return None
+
     def _run(self) -> None:
         while True:
             with self._cond:
-                while not self._stop and (item := self._next_due()) is None:
-                    wake = min((p.due for p in self._pending.values()), default=None)
-                    self._cond.wait(None if wake is None else max(wake - time.monotonic(), 0.01))
-                if self._stop:
-                    return
-                resource, pending = item
+                item = self._wait_for_due()
+            if item is None:
+                return
+            resource, pending = item
             error = self._attempt(resource, pending.endpoint)
             with self._cond:
                 if self._pending.get(resource) is not pending:

@@ -296,8 +296,7 @@ def parse_uevent(text: str | None) -> tuple[str, str, str, str, str] | None:
 def _read_static_at(dir_fd: int, address: str) -> _Static | FunctionProblem:
     from_uevent = parse_uevent(read_attr("uevent", dir_fd))
     if from_uevent is not None:
-        vendor, device, class_code, sub_vendor, sub_device = from_uevent
-        return _finish_static(dir_fd, address, vendor, device, class_code, sub_vendor, sub_device)
+        return _finish_static(dir_fd, address, *from_uevent)
     vendor = parse_hex(read_attr("vendor", dir_fd), 4)
     device = parse_hex(read_attr("device", dir_fd), 4)
     class_code = parse_hex(read_attr("class", dir_fd), 6)

@@ -1,0 +1,52 @@
+"""The data flows one way (DESIGN.md): readers know nothing of the layers built on them.
+
+Each module may import only the package modules listed for it; a new import across a layer fails
+here with the module and the import named.
+"""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+PACKAGE = Path(__file__).resolve().parent.parent / "deviceplugin"
+
+ALLOWED: dict[str, set[str]] = {
+    "sysfs": set(),
+    "naming": set(),
+    "config": {"naming", "sysfs"},
+    "discovery": {"config", "naming", "sysfs"},
+    "pool": {"discovery", "naming", "sysfs"},
+    "metrics": set(),
+    "server": {"discovery", "metrics", "naming", "pool", "v1beta1"},
+    "registration": {"v1beta1"},
+    "watch": set(),
+    "daemon": {"config", "discovery", "metrics", "naming", "pool", "registration", "server", "sysfs", "watch"},
+    "report": {"discovery", "naming"},
+    "doctor": {"config", "discovery", "naming", "registration", "sysfs"},
+    "kubevirt": {"discovery"},
+    "status": {"daemon", "report"},
+    "fakenode": {"sysfs"},
+    "fakekubelet": {"naming", "v1beta1"},
+}
+
+
+def package_imports(path: Path) -> set[str]:
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("deviceplugin."):
+            found.add(node.module.split(".")[1])
+        elif isinstance(node, ast.ImportFrom) and node.module == "deviceplugin":
+            found.update(alias.name for alias in node.names if alias.name != "__version__")
+    return found
+
+
+def test_every_module_imports_only_the_layers_below_it():
+    for module, allowed in ALLOWED.items():
+        extra = package_imports(PACKAGE / f"{module}.py") - allowed
+        assert not extra, f"deviceplugin/{module}.py imports {sorted(extra)}, which it must not"
+
+
+def test_the_contract_covers_every_module():
+    modules = {p.stem for p in PACKAGE.glob("*.py")} - {"__init__", "__main__", "cli", "demo", "codegen"}
+    assert modules == set(ALLOWED), "add new modules to ALLOWED with the layers they may use"
