@@ -159,7 +159,12 @@ def _health_reasons(group: str, functions: tuple[PciFunction, ...], primary: Pci
     if not is_vfio_driver(primary.driver) and not blocks_group(primary):
         bound = f"bound to {primary.driver}" if primary.driver else "bound to no driver"
         reasons.append(f"{describe(primary)} is {bound}, so a VM cannot open it: bind it to vfio-pci ({bind_commands(primary.address)})")
-    if not reasons and group not in snapshot.devnodes:
+    if not reasons and f"noiommu-{group}" in snapshot.devnodes:
+        reasons.append(
+            f"group {group} is in VFIO no-IOMMU mode (/dev/vfio/noiommu-{group}): DMA is not isolated and KubeVirt cannot "
+            "use it; enable the IOMMU instead of vfio.enable_unsafe_noiommu_mode"
+        )
+    elif not reasons and group not in snapshot.devnodes:
         reasons.append(
             f"/dev/vfio/{group} is missing although the group is bound to vfio-pci (is the vfio module loaded and /dev mounted?)"
         )

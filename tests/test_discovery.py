@@ -139,6 +139,14 @@ def test_missing_dev_vfio_node_is_not_offered(node, pci_ids):
     assert "/dev/vfio/13 is missing" in group(inv, "13").reasons[0]
 
 
+def test_no_iommu_mode_is_named(node, pci_ids):
+    node.add_all(gpu("0000:01:00.0", "2484", "228b", "13"))
+    os.rename(node.dev / "vfio" / "13", node.dev / "vfio" / "noiommu-13")
+    inv = inventory_of(node, pci_ids)
+    assert offered(inv) == {}
+    assert "VFIO no-IOMMU mode (/dev/vfio/noiommu-13)" in group(inv, "13").reasons[0]
+
+
 @pytest.mark.parametrize("driver", ["nvgrace_gpu_vfio_pci", "xe-vfio-pci", "pds_vfio_pci"])
 def test_vfio_pci_variant_drivers_count_as_vfio(node, pci_ids, driver):
     node.add(Fn("0000:09:01.0", "10de", "2330", "030200", driver, "40"))
