@@ -115,20 +115,19 @@ class Daemon:
     def reconcile(self) -> list[Change]:
         started = time.perf_counter()
         snapshot = self.scanner.scan()
-        if snapshot == self._last_snapshot:  # the common case: unchanged records compare by identity
-            self.recorder.rescanned(time.perf_counter() - started)
-            return []
-        self._last_snapshot = snapshot
-        inventory = discover(snapshot, self.config, self.pci_ids)
-        changes = self.pool.update(inventory)
+        changes: list[Change] = []
+        if snapshot != self._last_snapshot:  # usually equal: unchanged records compare by identity
+            self._last_snapshot = snapshot
+            inventory = discover(snapshot, self.config, self.pci_ids)
+            changes = self.pool.update(inventory)
+            self.inventory = inventory
+            for change in changes:
+                _log_change(change)
+            self.recorder.set_devices(self.device_counts())
         self.recorder.rescanned(time.perf_counter() - started)
-        self.inventory = inventory
-        for change in changes:
-            _log_change(change)
         for resource in self.pool.resources():
-            if resource not in self.servers:
+            if resource not in self.servers:  # new, or its server failed to start last time
                 self._serve(resource)
-        self.recorder.set_devices(self.device_counts())
         return changes
 
     def device_counts(self) -> dict[str, tuple[int, int]]:

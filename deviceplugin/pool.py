@@ -49,8 +49,7 @@ class Change:
 class _Published:
     devices: dict[str, dict[str, Device]]  # resource -> id -> device (insertion = id order)
     versions: dict[str, int]
-    specs: dict[str, tuple[tuple[str, str, str], ...]]  # device id -> its DeviceSpecs
-    iommufd: bool
+    specs: dict[str, tuple[tuple[str, str, str], ...]]  # device id -> its DeviceSpecs, built once per scan
 
 
 class DevicePool:
@@ -58,7 +57,7 @@ class DevicePool:
         self.sysfs_root = sysfs_root
         self.dev_root = dev_root
         self._cond = threading.Condition()
-        self._state = _Published({}, {}, {}, False)
+        self._state = _Published({}, {}, {})
         self._stopped = False
         self.on_stale: Callable[[], None] = lambda: None  # asks the daemon for a rescan
 
@@ -73,7 +72,7 @@ class DevicePool:
             for resource in {c.resource for c in changes} | (new_devices.keys() - old.versions.keys()):
                 versions[resource] = versions.get(resource, 0) + 1
             specs = {d.id: _device_specs(d, inventory.host.iommufd) for devs in new_devices.values() for d in devs.values()}
-            self._state = _Published(new_devices, versions, specs, inventory.host.iommufd)
+            self._state = _Published(new_devices, versions, specs)
             if changes or versions != old.versions:
                 self._cond.notify_all()
         return changes

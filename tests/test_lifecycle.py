@@ -302,3 +302,22 @@ def test_config_selects_a_second_class_live(node, pci_ids):
         h.wait_devices("samsung.com/nvme", {"0000:05:00.0": "Healthy"})
     finally:
         h.close()
+
+
+def test_a_server_that_failed_to_start_is_retried_on_a_quiet_node(harness, monkeypatch):
+    from deviceplugin.server import PluginServer
+
+    harness.node.add_all(gpu(GPU1, "2484", "228b", "13"))
+    real_start = PluginServer.start
+    failures = []
+
+    def flaky_start(self) -> None:
+        if not failures:
+            failures.append(self.resource)
+            raise OSError("address already in use (simulated)")
+        real_start(self)
+
+    monkeypatch.setattr(PluginServer, "start", flaky_start)
+    harness.start()
+    harness.wait_devices(R, {GPU1: "Healthy"})  # nothing on the node changed: the timer retried it
+    assert failures == [R]
