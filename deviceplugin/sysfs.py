@@ -87,6 +87,22 @@ class _Static:
     iommu_group: str | None  # fixed for as long as the device stays plugged in
 
 
+@dataclass(frozen=True, slots=True)
+class _Cached:
+    key: tuple[int, int]
+    static: _Static
+    record: PciFunction | None  # None: the function was a problem last time
+
+
+def _entry_key(entry: os.DirEntry[str]) -> tuple[int, int]:
+    """A re-plugged device gets a new bus/pci/devices entry: new ctime even where the inode is reused."""
+    try:
+        st = entry.stat(follow_symlinks=False)
+    except OSError:
+        return (-1, -1)
+    return (st.st_ino, st.st_ctime_ns)
+
+
 def read_attr(path: str, dir_fd: int | None = None) -> str | None:
     """Reads a small sysfs attribute; None when it cannot be read. os.open is ~3x cheaper than open()."""
     try:
@@ -148,10 +164,10 @@ class SysfsScanner:
         self.sysfs_root = sysfs_root
         self.dev_root = dev_root
         self.devices_dir = os.path.join(sysfs_root, "bus", "pci", "devices")
-        self._static: dict[str, tuple[tuple[int, int], _Static]] = {}
-        # The last record per address: reused when nothing changed, so an unchanged rescan yields
-        # an equal snapshot that compares by identity and the daemon can skip the rest.
-        self._records: dict[str, tuple[_Static, str | None, str | None, str | None, PciFunction]] = {}
+        # Per address: the entry's (inode, ctime), its static attributes and the last record. An
+        # unchanged rescan returns the very same record objects, so the snapshot compares equal by
+        # identity and the daemon skips discovery.
+        self._cache: dict[str, _Cached] = {}
 
     def function_dir(self, address: str) -> str:
         return os.path.join(self.devices_dir, address)
@@ -175,10 +191,8 @@ class SysfsScanner:
                 functions.append(result)
             else:
                 problems.append(_with_group(result, entry.path))
-        for gone in self._static.keys() - seen:
-            del self._static[gone]
-        for gone in self._records.keys() - seen:
-            del self._records[gone]
+        for gone in self._cache.keys() - seen:
+            del self._cache[gone]
         functions.sort(key=lambda f: f.address)
         problems.sort(key=lambda p: p.address)
         groups = len(known_groups) if known_groups else len({f.iommu_group for f in functions if f.iommu_group})
@@ -188,13 +202,38 @@ class SysfsScanner:
         self, entry: os.DirEntry[str], known_groups: frozenset[str] | None, known_drivers: frozenset[str] | None, iommufd: bool
     ) -> PciFunction | FunctionProblem:
         address = entry.name
-        if not ADDRESS_RE.match(address):
-            return FunctionProblem(address, "not a PCI address (expected DDDD:BB:DD.F)")
-        base = entry.path
-        static = self._static_attrs(address, entry)
-        if isinstance(static, FunctionProblem):
-            return static
-        driver = _link_name(f"{base}/driver")
+        key = _entry_key(entry)
+        cached = self._cache.get(address)
+        if cached is not None and cached.key == key:
+            driver = _link_name(f"{entry.path}/driver")
+            if cached.record is not None and driver == cached.record.driver and not iommufd:
+                return cached.record  # the common rescan: one lstat and one readlink
+            static = cached.static
+        else:
+            if not ADDRESS_RE.match(address):
+                return FunctionProblem(address, "not a PCI address (expected DDDD:BB:DD.F)")
+            read = read_static(entry.path, address)
+            if isinstance(read, FunctionProblem):
+                return read  # not cached: read again next time
+            static = read
+            driver = _link_name(f"{entry.path}/driver")
+        result = self._record(address, entry.path, static, driver, known_groups, known_drivers, iommufd)
+        record = result if isinstance(result, PciFunction) else None
+        if record is not None and cached is not None and cached.record == record:
+            record = result = cached.record
+        self._cache[address] = _Cached(key, static, record)
+        return result
+
+    @staticmethod
+    def _record(
+        address: str,
+        base: str,
+        static: _Static,
+        driver: str | None,
+        known_groups: frozenset[str] | None,
+        known_drivers: frozenset[str] | None,
+        iommufd: bool,
+    ) -> PciFunction | FunctionProblem:
         if driver is not None and known_drivers is not None and driver not in known_drivers and not os.path.exists(f"{base}/driver"):
             return FunctionProblem(address, f"driver link is dangling (points to missing driver {driver!r})")
         group = static.iommu_group
@@ -207,11 +246,7 @@ class SysfsScanner:
         if iommufd and is_vfio_driver(driver):  # the cdev only matters (and exists) with iommufd
             names = _listdir(f"{base}/vfio-dev")
             cdev = min(names) if names else None
-        key = (static, driver, group, cdev)
-        last = self._records.get(address)
-        if last is not None and last[0] is static and last[1:] == key[1:]:
-            return last[4]
-        record = PciFunction(
+        return PciFunction(
             address=address,
             vendor=static.vendor,
             device=static.device,
@@ -224,22 +259,6 @@ class SysfsScanner:
             boot_vga=static.boot_vga,
             vfio_cdev=cdev,
         )
-        self._records[address] = (*key, record)
-        return record
-
-    def _static_attrs(self, address: str, entry: os.DirEntry[str]) -> _Static | FunctionProblem:
-        try:
-            st = entry.stat(follow_symlinks=False)
-            key = (st.st_ino, st.st_ctime_ns)
-        except OSError:
-            key = (-1, -1)
-        cached = self._static.get(address)
-        if cached is not None and cached[0] == key:
-            return cached[1]
-        result = read_static(entry.path, address)
-        if isinstance(result, _Static):
-            self._static[address] = (key, result)
-        return result
 
     def _host(self, group_count: int) -> HostInfo:
         module_dir = os.path.join(self.sysfs_root, "module")
