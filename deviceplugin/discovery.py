@@ -37,7 +37,6 @@ CLASS_NAMES = {
     "1200": "Accelerator",
     "1180": "Signal processing",
 }
-UNHEALTHY_NOT_VIABLE = "not viable"
 
 
 @dataclass(frozen=True)
@@ -80,13 +79,6 @@ class Inventory:
     notes: tuple[str, ...]
     devices: dict[str, tuple[Device, ...]]  # resource -> candidates, healthy or not
     pools: dict[str, tuple[str, ...]]  # resource -> vendor:device ids pooled under it
-
-    def device(self, device_id: str) -> Device | None:
-        for devs in self.devices.values():
-            for dev in devs:
-                if dev.id == device_id:
-                    return dev
-        return None
 
 
 def class_name(class_code: str) -> str:

@@ -169,9 +169,6 @@ class SysfsScanner:
         # identity and the daemon skips discovery.
         self._cache: dict[str, _Cached] = {}
 
-    def function_dir(self, address: str) -> str:
-        return os.path.join(self.devices_dir, address)
-
     def scan(self) -> NodeSnapshot:
         functions: list[PciFunction] = []
         problems: list[FunctionProblem] = []
