@@ -163,8 +163,23 @@ def _health_reasons(group: str, functions: tuple[PciFunction, ...], primary: Pci
     return reasons
 
 
+def _not_selected_reason(primary: PciFunction, cards: dict[str, PciFunction]) -> str:
+    card = cards.get(primary.address[:-1])
+    if card is not None and card.iommu_group != primary.iommu_group:
+        # ACS split the card's functions into separate groups (e.g. Navi: VGA and audio apart)
+        return (
+            f"{describe(primary)} is a function of the card at {card.address} but sits in its own IOMMU group, so it does "
+            f"not travel with it (group {card.iommu_group}): a VM gets {card.address} alone. To pass this function too, "
+            f'offer it with the config rule {{class: "{primary.class_code[:4]}"}} and request it under hostDevices'
+        )
+    return (
+        f"{describe(primary)} is bound to vfio-pci but no rule selects it: add the config rule "
+        f'{{class: "{primary.class_code[:4]}"}} (or {{vendor: "{primary.vendor}", device: "{primary.device}"}}) to offer it'
+    )
+
+
 def _report_group(
-    group: str, functions: tuple[PciFunction, ...], snapshot: NodeSnapshot, config: Config, db: PciIds
+    group: str, functions: tuple[PciFunction, ...], snapshot: NodeSnapshot, config: Config, db: PciIds, cards: dict[str, PciFunction]
 ) -> tuple[GroupReport, Device | None]:
     names = tuple(db.device_name(fn.vendor, fn.device) for fn in functions)
     viable = not any(blocks_group(fn) for fn in functions) and not any(p.iommu_group == group for p in snapshot.problems)
@@ -179,10 +194,7 @@ def _report_group(
         selected_by = rule.describe() if rule is not None else f"class {primary.class_code[:4]} is offered by default"
         reasons = _health_reasons(group, functions, primary, snapshot)
     else:
-        reasons = [
-            f"{describe(primary)} is bound to vfio-pci but no rule selects it: add the config rule "
-            f'{{class: "{primary.class_code[:4]}"}} (or {{vendor: "{primary.vendor}", device: "{primary.device}"}}) to offer it'
-        ]
+        reasons = [_not_selected_reason(primary, cards)]
     if selected_by is None or primary is None:
         report = GroupReport(
             group, functions, names, viable, False, tuple(reasons), primary.address if primary else None, None, None, None, None
@@ -240,8 +252,9 @@ def discover(snapshot: NodeSnapshot, config: Config, db: PciIds) -> Inventory:
     reports: list[GroupReport] = []
     devices: dict[str, list[Device]] = defaultdict(list)
     pools: dict[str, set[str]] = defaultdict(set)
+    cards = {fn.address[:-1]: fn for fn in reversed(snapshot.functions) if fn.is_display}  # slot -> its display function
     for group in sorted(by_group, key=int):
-        report, device = _report_group(group, tuple(sorted(by_group[group], key=lambda f: f.address)), snapshot, config, db)
+        report, device = _report_group(group, tuple(sorted(by_group[group], key=lambda f: f.address)), snapshot, config, db, cards)
         reports.append(report)
         if device is not None:
             devices[device.resource].append(device)

@@ -98,6 +98,13 @@ def test_gpu_in_a_chipset_group_is_not_viable_even_with_its_own_functions_on_vfi
     assert "pcieport" not in text  # the chipset's bridges are not to blame
 
 
+def test_navi_audio_in_its_own_group_is_explained_as_part_of_the_card(node, pci_ids):
+    build(node, load("05-gigabyte-b550-aorus-pro-3900x-rx6950xt-rx550.txt"), {"18", "19"})
+    text = reasons(inventory_of(node, pci_ids), "19")
+    assert "0000:08:00.1 (1002:ab28 Audio) is a function of the card at 0000:08:00.0 but sits in its own IOMMU group" in text
+    assert "a VM gets 0000:08:00.0 alone" in text and '{class: "0403"}' in text
+
+
 def test_before_acs_override_the_gpu_shares_a_group_with_the_fpga(node, pci_ids):
     build(node, load("07-gigabyte-z390-i9-9900k-alveo-u200-rtx3060ti-before-acs-override.txt"), set())
     inv = inventory_of(node, pci_ids)
