@@ -80,6 +80,11 @@ class Inventory:
     devices: dict[str, tuple[Device, ...]]  # resource -> candidates, healthy or not
     pools: dict[str, tuple[str, ...]]  # resource -> vendor:device ids pooled under it
 
+    def offered(self) -> dict[str, tuple[str, ...]]:
+        """resource -> IDs of the devices offered as Healthy; resources with none are left out."""
+        healthy = {r: tuple(d.id for d in devs if d.healthy) for r, devs in self.devices.items()}
+        return {r: ids for r, ids in healthy.items() if ids}
+
 
 def class_name(class_code: str) -> str:
     return CLASS_NAMES.get(class_code[:4], f"class {class_code[:4]}")
@@ -141,13 +146,11 @@ def _naming(primary: PciFunction, rule: Rule | None, config: Config, db: PciIds)
     return auto_name(primary.vendor, primary.device, db, config.naming)
 
 
-def _health_reasons(group: str, functions: tuple[PciFunction, ...], primary: PciFunction, snapshot: NodeSnapshot) -> list[str]:
+def _health_reasons(
+    group: str, functions: tuple[PciFunction, ...], unreadable: list[FunctionProblem], primary: PciFunction, snapshot: NodeSnapshot
+) -> list[str]:
     reasons = [blocker_reason(fn) for fn in functions if blocks_group(fn)]
-    reasons += [
-        f"{p.address} in this group could not be read ({p.reason}), so the group cannot be checked"
-        for p in snapshot.problems
-        if p.iommu_group == group
-    ]
+    reasons += [f"{p.address} in this group could not be read ({p.reason}), so the group cannot be checked" for p in unreadable]
     if not is_vfio_driver(primary.driver) and not blocks_group(primary):
         bound = f"bound to {primary.driver}" if primary.driver else "bound to no driver"
         reasons.append(f"{describe(primary)} is {bound}, so a VM cannot open it: bind it to vfio-pci ({bind_commands(primary.address)})")
@@ -178,11 +181,30 @@ def _not_selected_reason(primary: PciFunction, cards: dict[str, PciFunction]) ->
     )
 
 
+@dataclass(frozen=True)
+class _NodeIndex:
+    """What a group's verdict needs from the rest of the node, indexed once per discovery."""
+
+    snapshot: NodeSnapshot
+    unreadable: dict[str, list[FunctionProblem]]  # group -> its members that could not be read
+    cards: dict[str, PciFunction]  # bus:device slot -> its display function
+
+
+def _index(snapshot: NodeSnapshot) -> _NodeIndex:
+    unreadable: dict[str, list[FunctionProblem]] = defaultdict(list)
+    for p in snapshot.problems:
+        if p.iommu_group is not None:
+            unreadable[p.iommu_group].append(p)
+    cards = {fn.address[:-1]: fn for fn in reversed(snapshot.functions) if fn.is_display}
+    return _NodeIndex(snapshot, unreadable, cards)
+
+
 def _report_group(
-    group: str, functions: tuple[PciFunction, ...], snapshot: NodeSnapshot, config: Config, db: PciIds, cards: dict[str, PciFunction]
+    group: str, functions: tuple[PciFunction, ...], node: _NodeIndex, config: Config, db: PciIds
 ) -> tuple[GroupReport, Device | None]:
     names = tuple(db.device_name(fn.vendor, fn.device) for fn in functions)
-    viable = not any(blocks_group(fn) for fn in functions) and not any(p.iommu_group == group for p in snapshot.problems)
+    unreadable = node.unreadable.get(group, [])
+    viable = not any(blocks_group(fn) for fn in functions) and not unreadable
     primary = pick_primary(functions)
     rule = _match_rule(config.rules, functions, primary)
     selected_by: str | None = None
@@ -192,9 +214,9 @@ def _report_group(
         reasons = ["not a passthrough candidate: no display controller and no function bound to vfio-pci"]
     elif rule is not None or any(primary.class_code.startswith(c) for c in config.classes):
         selected_by = rule.describe() if rule is not None else f"class {primary.class_code[:4]} is offered by default"
-        reasons = _health_reasons(group, functions, primary, snapshot)
+        reasons = _health_reasons(group, functions, unreadable, primary, node.snapshot)
     else:
-        reasons = [_not_selected_reason(primary, cards)]
+        reasons = [_not_selected_reason(primary, node.cards)]
     if selected_by is None or primary is None:
         report = GroupReport(
             group, functions, names, viable, False, tuple(reasons), primary.address if primary else None, None, None, None, None
@@ -252,9 +274,9 @@ def discover(snapshot: NodeSnapshot, config: Config, db: PciIds) -> Inventory:
     reports: list[GroupReport] = []
     devices: dict[str, list[Device]] = defaultdict(list)
     pools: dict[str, set[str]] = defaultdict(set)
-    cards = {fn.address[:-1]: fn for fn in reversed(snapshot.functions) if fn.is_display}  # slot -> its display function
+    node = _index(snapshot)
     for group in sorted(by_group, key=int):
-        report, device = _report_group(group, tuple(sorted(by_group[group], key=lambda f: f.address)), snapshot, config, db, cards)
+        report, device = _report_group(group, tuple(sorted(by_group[group], key=lambda f: f.address)), node, config, db)
         reports.append(report)
         if device is not None:
             devices[device.resource].append(device)

@@ -15,11 +15,10 @@ import sys
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 
-from deviceplugin.config import Config
-from deviceplugin.discovery import GroupReport, Inventory, class_name, describe, discover
-from deviceplugin.naming import MAX_SOCKET_PATH, SOCKET_PREFIX, PciIds, resource_name_error, socket_name
+from deviceplugin.discovery import GroupReport, Inventory, class_name, describe
+from deviceplugin.naming import MAX_SOCKET_PATH, SOCKET_PREFIX, resource_name_error, socket_name
 from deviceplugin.registration import KUBELET_SOCKET
-from deviceplugin.sysfs import SysfsScanner, is_vfio_driver
+from deviceplugin.sysfs import is_vfio_driver
 
 OK, WARN, FAIL = "ok", "warn", "fail"
 
@@ -245,10 +244,9 @@ def summary_checks(inv: Inventory) -> Iterator[Check]:
     if inv.problems:
         listed = "; ".join(f"{p.address}: {p.reason}" for p in inv.problems)
         yield Check("sysfs", WARN, f"{len(inv.problems)} function(s) skipped: {listed}", "check --sysfs-root points at a real sysfs")
-    offered = {r: sum(1 for d in devs if d.healthy) for r, devs in inv.devices.items()}
-    total = sum(offered.values())
-    if total:
-        yield Check("offered", OK, "offering " + ", ".join(f"{r}: {n}" for r, n in offered.items() if n))
+    offered = inv.offered()
+    if offered:
+        yield Check("offered", OK, "offering " + ", ".join(f"{r}: {len(ids)}" for r, ids in offered.items()))
     else:
         yield Check("offered", WARN, "this node offers no device", "see the group checks above for why")
 
@@ -276,8 +274,7 @@ def render(checks: list[Check]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def run_doctor(args: argparse.Namespace, config: Config, pci_ids: PciIds) -> int:
-    inv = discover(SysfsScanner(args.sysfs_root, args.dev_root).scan(), config, pci_ids)
+def run_doctor(args: argparse.Namespace, inv: Inventory) -> int:
     checks = run_checks(inv, read_node(args))
     failed = any(c.verdict == FAIL for c in checks)
     if args.json:

@@ -30,8 +30,6 @@ class Recorder:
         self.rescan_time = Gauge(f"{PREFIX}_last_rescan_timestamp_seconds", "Unix time of the last sysfs rescan", registry=r)
         self._lock = threading.Lock()
         self.last_allocate: dict[str, dict[str, object]] = {}
-        self.last_error: dict[str, str] = {}
-        self.rescan_count = 0
 
     def allocated(self, resource: str, ids: list[str]) -> None:
         self.allocations.labels(resource).inc()
@@ -40,10 +38,8 @@ class Recorder:
             for device_id in ids:
                 self.last_allocate[device_id] = {"resource": resource, "time": now}
 
-    def allocation_failed(self, resource: str, reason: str, message: str) -> None:
+    def allocation_failed(self, resource: str, reason: str) -> None:
         self.allocation_errors.labels(resource, reason).inc()
-        with self._lock:
-            self.last_error[resource] = message
 
     def last_allocations(self) -> dict[str, dict[str, object]]:
         with self._lock:
@@ -54,9 +50,12 @@ class Recorder:
 
     def rescanned(self, seconds: float) -> None:
         self.rescans.inc()
-        self.rescan_count += 1
         self.rescan_seconds.set(seconds)
         self.rescan_time.set(time.time())
+
+    @property
+    def rescan_count(self) -> int:
+        return int(self.registry.get_sample_value(f"{PREFIX}_rescans_total") or 0)
 
     def set_devices(self, counts: dict[str, tuple[int, int]]) -> None:
         """counts: resource -> (healthy, unhealthy)."""

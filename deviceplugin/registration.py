@@ -81,7 +81,7 @@ class Registrar:
             self._stop = True
             self._cond.notify_all()
         # A Register call in flight can take its full timeout; the thread is a daemon, so don't
-        # let it eat the 2 s the kubelet gives a terminating plugin.
+        # let it eat the 2 s in which SIGTERM must finish (empty lists sent, sockets removed).
         self._thread.join(timeout=0.2)
 
     def request(self, resource: str, endpoint: str) -> None:

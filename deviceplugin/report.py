@@ -27,17 +27,11 @@ def inventory_json(inv: Inventory, pci_ids: PciIds, naming: str) -> dict[str, An
             "notes": list(inv.notes),
         },
         "groups": [_group_json(g) for g in inv.groups],
-        "resources": offered_resources(inv),
+        "resources": {r: list(ids) for r, ids in inv.offered().items()},
         "pools": {r: list(ids) for r, ids in inv.pools.items()},
         "problems": [{"address": p.address, "reason": p.reason, "iommu_group": p.iommu_group} for p in inv.problems],
         "ungrouped": [fn.address for fn in inv.ungrouped],
     }
-
-
-def offered_resources(inv: Inventory) -> dict[str, list[str]]:
-    """resource -> IDs of the devices offered as Healthy (resources with none are left out)."""
-    out = {r: [d.id for d in devs if d.healthy] for r, devs in inv.devices.items()}
-    return {r: ids for r, ids in out.items() if ids}
 
 
 def _group_json(g: GroupReport) -> dict[str, Any]:
@@ -84,12 +78,11 @@ def inventory_text(inv: Inventory, pci_ids: PciIds, naming: str) -> str:
     ]
     lines += [f"NOTE: {n}" for n in inv.notes]
     lines.append("")
-    lines.append("Offered resources:" if any(d.healthy for ds in inv.devices.values() for d in ds) else "Offered resources: none")
-    for resource, devices in inv.devices.items():
-        healthy = [d.id for d in devices if d.healthy]
-        if healthy:
-            pooled = f" (pools {', '.join(inv.pools[resource])})" if len(inv.pools[resource]) > 1 else ""
-            lines.append(f"  {resource}: {len(healthy)} -> {', '.join(healthy)}{pooled}")
+    offered = inv.offered()
+    lines.append("Offered resources:" if offered else "Offered resources: none")
+    for resource, ids in offered.items():
+        pooled = f" (pools {', '.join(inv.pools[resource])})" if len(inv.pools[resource]) > 1 else ""
+        lines.append(f"  {resource}: {len(ids)} -> {', '.join(ids)}{pooled}")
     others = []
     for g in inv.groups:
         if g.primary is None:

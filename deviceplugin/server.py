@@ -84,10 +84,10 @@ class DevicePluginServicer(api_grpc.DevicePluginServicer):
             try:
                 allocation = self.pool.allocate(self.resource, req.devices_ids)
             except UnknownDevice as exc:
-                self.recorder.allocation_failed(self.resource, "unknown_device", str(exc))
+                self.recorder.allocation_failed(self.resource, "unknown_device")
                 context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
             except DeviceUnavailable as exc:
-                self.recorder.allocation_failed(self.resource, "unavailable", str(exc))
+                self.recorder.allocation_failed(self.resource, "unavailable")
                 context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(exc))
             container = response.container_responses.add()
             for container_path, host_path, permissions in allocation.devices:

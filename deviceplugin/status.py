@@ -10,6 +10,7 @@ from typing import Any
 
 from deviceplugin.daemon import Daemon
 from deviceplugin.report import inventory_json
+from deviceplugin.server import HEALTHY, UNHEALTHY
 
 log = logging.getLogger(__name__)
 
@@ -28,7 +29,7 @@ def status_document(daemon: Daemon) -> dict[str, Any]:
             "devices": [
                 {
                     "id": d.id,
-                    "health": "Healthy" if d.healthy else "Unhealthy",
+                    "health": HEALTHY if d.healthy else UNHEALTHY,
                     "reason": d.reason,
                     "last_allocate": last_allocate.get(d.id),
                 }

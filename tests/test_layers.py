@@ -23,9 +23,9 @@ ALLOWED: dict[str, set[str]] = {
     "watch": set(),
     "daemon": {"config", "discovery", "metrics", "naming", "pool", "registration", "server", "sysfs", "watch"},
     "report": {"discovery", "naming"},
-    "doctor": {"config", "discovery", "naming", "registration", "sysfs"},
+    "doctor": {"discovery", "naming", "registration", "sysfs"},
     "kubevirt": {"discovery"},
-    "status": {"daemon", "report"},
+    "status": {"daemon", "report", "server"},
     "fakenode": {"sysfs"},
     "fakekubelet": {"naming", "v1beta1"},
 }

@@ -173,6 +173,6 @@ def test_entrypoint_is_the_console_script():
 
 def test_dockerignore_keeps_the_build_context_small():
     ignore = (ROOT / ".dockerignore").read_text().split()
-    assert ignore[0] == "*" or "*" in ignore
+    assert "*" in ignore  # everything is excluded unless re-included below
     for needed in ("!pyproject.toml", "!README.md", "!proto/", "!deviceplugin/"):
         assert needed in ignore
