@@ -11,8 +11,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from deviceplugin.fakekubelet import FakeKubelet
-from deviceplugin.fakenode import FakeNode, Fn
+from deviceplugin.sim.kubelet import FakeKubelet
+from deviceplugin.sim.node import FakeNode, Fn
 
 PCI_IDS_TEXT = "10de  NVIDIA Corporation\n\t1e84  TU104 [GeForce RTX 2070 SUPER]\n"
 RESOURCE = "nvidia.com/TU104"

@@ -12,9 +12,9 @@ import threading
 
 from deviceplugin.config import Config
 from deviceplugin.daemon import Daemon, Options
-from deviceplugin.fakekubelet import FakeKubelet
-from deviceplugin.fakenode import demo_node
 from deviceplugin.naming import load_pci_ids
+from deviceplugin.sim.kubelet import FakeKubelet
+from deviceplugin.sim.node import demo_node
 
 RESOURCE = "nvidia.com/GA104"
 

@@ -14,9 +14,9 @@ import pytest
 from deviceplugin.config import Config
 from deviceplugin.daemon import Daemon, Options
 from deviceplugin.discovery import Inventory, discover
-from deviceplugin.fakekubelet import FakeKubelet
-from deviceplugin.fakenode import FakeNode
 from deviceplugin.naming import PciIds, load_pci_ids
+from deviceplugin.sim.kubelet import FakeKubelet
+from deviceplugin.sim.node import FakeNode
 from deviceplugin.sysfs import SysfsScanner
 
 FIXTURES = Path(__file__).parent / "fixtures"

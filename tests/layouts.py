@@ -11,7 +11,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from deviceplugin.fakenode import FakeNode, Fn
+from deviceplugin.sim.node import FakeNode, Fn
 
 LAYOUTS = Path(__file__).resolve().parent.parent.parent / "shared" / "real-iommu-layouts"
 

@@ -8,7 +8,7 @@ import sys
 
 from conftest import PCI_IDS_PATH
 
-from deviceplugin.fakenode import gpu
+from deviceplugin.sim.node import gpu
 
 CLI = [sys.executable, "-m", "deviceplugin"]
 

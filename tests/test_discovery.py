@@ -10,7 +10,7 @@ from conftest import inventory_of
 
 from deviceplugin.config import parse_config
 from deviceplugin.discovery import Inventory
-from deviceplugin.fakenode import FakeNode, Fn, gpu
+from deviceplugin.sim.node import FakeNode, Fn, gpu
 from deviceplugin.sysfs import SysfsScanner, parse_uevent
 
 

@@ -13,7 +13,7 @@ from conftest import PCI_IDS_PATH, inventory_of
 
 from deviceplugin.config import parse_config
 from deviceplugin.doctor import FAIL, OK, WARN, read_node, run_checks
-from deviceplugin.fakenode import FakeNode, Fn, gpu
+from deviceplugin.sim.node import FakeNode, Fn, gpu
 
 
 def checks_of(node: FakeNode, pci_ids, config=None, cpu: str = "GenuineIntel") -> dict[str, tuple[str, str, str]]:

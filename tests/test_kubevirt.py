@@ -10,7 +10,7 @@ import yaml
 from conftest import PCI_IDS_PATH, Harness
 
 from deviceplugin.config import parse_config
-from deviceplugin.fakenode import gpu
+from deviceplugin.sim.node import gpu
 
 
 @pytest.mark.parametrize("naming", ["short", "full"])

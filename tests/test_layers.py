@@ -26,27 +26,51 @@ ALLOWED: dict[str, set[str]] = {
     "doctor": {"discovery", "naming", "registration", "sysfs"},
     "kubevirt": {"discovery"},
     "status": {"daemon", "report", "server"},
-    "fakenode": {"sysfs"},
-    "fakekubelet": {"naming", "v1beta1"},
+    "sim.node": {"sysfs"},
+    "sim.kubelet": {"naming", "v1beta1"},
 }
+
+
+# Subpackages whose modules are named one level deeper ("sim.node"); the rest are single units (generated code).
+SUBPACKAGES = ("sim",)
+ENTRY_POINTS = {"__init__", "__main__", "cli", "demo", "codegen"}
+
+
+def _unit(module: str) -> str:
+    parts = module.split(".")
+    return ".".join(parts[1:3]) if len(parts) > 2 and parts[1] in SUBPACKAGES else parts[1]
 
 
 def package_imports(path: Path) -> set[str]:
     found = set()
     for node in ast.walk(ast.parse(path.read_text())):
         if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("deviceplugin."):
-            found.add(node.module.split(".")[1])
+            found.add(_unit(node.module))
+        elif isinstance(node, ast.Import):
+            found.update(_unit(a.name) for a in node.names if a.name.startswith("deviceplugin."))
         elif isinstance(node, ast.ImportFrom) and node.module == "deviceplugin":
             found.update(alias.name for alias in node.names if alias.name != "__version__")
     return found
 
 
+def module_path(module: str) -> Path:
+    return PACKAGE.joinpath(*module.split(".")).with_suffix(".py")
+
+
 def test_every_module_imports_only_the_layers_below_it():
     for module, allowed in ALLOWED.items():
-        extra = package_imports(PACKAGE / f"{module}.py") - allowed
+        extra = package_imports(module_path(module)) - allowed
         assert not extra, f"deviceplugin/{module}.py imports {sorted(extra)}, which it must not"
 
 
+def test_product_code_never_imports_the_simulators():
+    for module in ALLOWED:
+        if not module.startswith("sim."):
+            sims = {m for m in package_imports(module_path(module)) if m.startswith("sim")}
+            assert not sims, f"deviceplugin/{module}.py imports the simulators {sorted(sims)}"
+
+
 def test_the_contract_covers_every_module():
-    modules = {p.stem for p in PACKAGE.glob("*.py")} - {"__init__", "__main__", "cli", "demo", "codegen"}
+    modules = {p.stem for p in PACKAGE.glob("*.py")} - ENTRY_POINTS
+    modules |= {f"{sub}.{p.stem}" for sub in SUBPACKAGES for p in (PACKAGE / sub).glob("*.py") if p.stem != "__init__"}
     assert modules == set(ALLOWED), "add new modules to ALLOWED with the layers they may use"

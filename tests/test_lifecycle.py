@@ -17,8 +17,8 @@ import pytest
 from conftest import PCI_IDS_PATH, Harness
 
 from deviceplugin.config import parse_config
-from deviceplugin.fakekubelet import FakeKubelet
-from deviceplugin.fakenode import Fn, gpu
+from deviceplugin.sim.kubelet import FakeKubelet
+from deviceplugin.sim.node import Fn, gpu
 from deviceplugin.v1beta1 import api_pb2 as api
 
 R = "nvidia.com/GA104"

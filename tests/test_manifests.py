@@ -17,9 +17,9 @@ import yaml
 from deviceplugin import __version__
 from deviceplugin.config import Config
 from deviceplugin.discovery import discover
-from deviceplugin.fakenode import demo_node
 from deviceplugin.kubevirt import pci_host_devices
 from deviceplugin.naming import load_pci_ids
+from deviceplugin.sim.node import demo_node
 from deviceplugin.sysfs import SysfsScanner
 
 ROOT = Path(__file__).resolve().parent.parent

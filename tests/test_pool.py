@@ -7,8 +7,8 @@ import re
 import pytest
 from conftest import inventory_of
 
-from deviceplugin.fakenode import gpu
 from deviceplugin.pool import DevicePool, DeviceUnavailable, UnknownDevice, preferred_allocation
+from deviceplugin.sim.node import gpu
 
 R = "nvidia.com/GA104"
 

@@ -15,8 +15,8 @@ import pytest
 from conftest import PCI_IDS_PATH
 from prometheus_client.parser import text_string_to_metric_families
 
-from deviceplugin.fakekubelet import FakeKubelet
-from deviceplugin.fakenode import gpu
+from deviceplugin.sim.kubelet import FakeKubelet
+from deviceplugin.sim.node import gpu
 from deviceplugin.status import StatusServer
 
 R = "nvidia.com/GA104"
