@@ -47,7 +47,7 @@ def rescan_cost(functions: int, repeat: int = 15) -> tuple[float, float]:
             t0 = time.perf_counter()
             daemon.reconcile()
             full.append(time.perf_counter() - t0)
-        for server in daemon.servers.values():
+        for server in daemon.frontend.servers.values():
             server.stop()
         return statistics.median(unchanged), statistics.median(full)
 

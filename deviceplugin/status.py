@@ -10,7 +10,6 @@ from typing import Any
 
 from deviceplugin.daemon import Daemon
 from deviceplugin.report import inventory_json
-from deviceplugin.server import HEALTHY, UNHEALTHY
 
 log = logging.getLogger(__name__)
 
@@ -18,37 +17,13 @@ log = logging.getLogger(__name__)
 def status_document(daemon: Daemon) -> dict[str, Any]:
     inventory = daemon.inventory
     doc: dict[str, Any] = inventory_json(inventory, daemon.pci_ids, daemon.config.naming) if inventory else {}
-    registered, errors = daemon.registration_state()
-    last_allocate = daemon.recorder.last_allocations()
-    doc["registration"] = {
-        resource: {
-            "registered": resource in registered,
-            "since": registered.get(resource),
-            "error": errors.get(resource),
-            "socket": server.socket_path,
-            "devices": [
-                {
-                    "id": d.id,
-                    "health": HEALTHY if d.healthy else UNHEALTHY,
-                    "reason": d.reason,
-                    "last_allocate": last_allocate.get(d.id),
-                }
-                for d in daemon.pool.devices(resource)[1]
-            ],
-        }
-        for resource, server in sorted(daemon.servers.items())
-    }
+    doc["mode"] = daemon.frontend.mode
+    doc.update(daemon.frontend.status())
     return doc
 
 
 def health(daemon: Daemon) -> tuple[bool, str]:
-    """Healthy when every resource that has devices is registered with the kubelet."""
-    registered, errors = daemon.registration_state()
-    missing = [r for r in daemon.servers if daemon.pool.devices(r)[1] and r not in registered]
-    if missing:
-        why = "; ".join(f"{r}: {errors.get(r, 'registration pending')}" for r in sorted(missing))
-        return False, f"not registered with the kubelet: {why}"
-    return True, "ok"
+    return daemon.frontend.health()
 
 
 class _Handler(BaseHTTPRequestHandler):

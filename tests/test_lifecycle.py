@@ -139,8 +139,8 @@ def test_kubelet_absent_at_start_appearing_3s_later(node, pci_ids):
     node.add_all(gpu(GPU1, "2484", "228b", "13"))
     h = Harness(node, pci_ids).start(kubelet=False)
     try:
-        wait(lambda: h.daemon.registration_state()[1].get(R) is not None, what="a failed registration attempt")
-        assert "kubelet.sock does not exist" in h.daemon.registration_state()[1][R]
+        wait(lambda: h.daemon.frontend.registration_state()[1].get(R) is not None, what="a failed registration attempt")
+        assert "kubelet.sock does not exist" in h.daemon.frontend.registration_state()[1][R]
         time.sleep(3)  # the scenario: the kubelet comes up three seconds late
         assert h.thread.is_alive()
         h.kubelet.start()
@@ -152,16 +152,16 @@ def test_kubelet_absent_at_start_appearing_3s_later(node, pci_ids):
 def test_refused_registration_is_retried_and_the_daemon_lives_on(node, pci_ids):
     node.add_all(gpu(GPU1, "2484", "228b", "13"))
     h = Harness(node, pci_ids)
-    h.daemon.registrar.backoff = (0.05, 0.1)
+    h.daemon.frontend.registrar.backoff = (0.05, 0.1)
     h.kubelet.reject[R] = "resource already registered by another plugin"
     h.start()
     try:
-        wait(lambda: "already registered" in (h.daemon.registration_state()[1].get(R) or ""), what="the refusal")
+        wait(lambda: "already registered" in (h.daemon.frontend.registration_state()[1].get(R) or ""), what="the refusal")
         h.kubelet.reject.clear()
         h.wait_devices(R, {GPU1: "Healthy"})
         # the kubelet streams the devices before its Register call returns to the plugin
-        wait(lambda: h.daemon.registration_state()[1] == {}, what="the error to clear after success")
-        assert R in h.daemon.registration_state()[0]
+        wait(lambda: h.daemon.frontend.registration_state()[1] == {}, what="the error to clear after success")
+        assert R in h.daemon.frontend.registration_state()[0]
     finally:
         h.close()
 
@@ -247,7 +247,7 @@ def test_allocate_storm_while_devices_flap(harness):
 
     def client(seed: int) -> None:
         rng = random.Random(seed)
-        channel = grpc.insecure_channel(f"unix://{harness.daemon.servers[R].socket_path}")
+        channel = grpc.insecure_channel(f"unix://{harness.daemon.frontend.servers[R].socket_path}")
         from deviceplugin.v1beta1 import api_pb2_grpc
 
         stub = api_pb2_grpc.DevicePluginStub(channel)

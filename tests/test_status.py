@@ -48,7 +48,7 @@ def status(harness):
     assert harness.kubelet.wait_for(lambda k: k.allocatable().get(R) == 2, 10)
     # the kubelet streams devices before its Register call returns: wait for the plugin's side too
     deadline = time.monotonic() + 10
-    while R not in harness.daemon.registration_state()[0]:
+    while R not in harness.daemon.frontend.registration_state()[0]:
         assert time.monotonic() < deadline, "the plugin never recorded its registration"
         time.sleep(0.01)
     try:
@@ -102,7 +102,7 @@ def test_healthz_flips_when_the_registration_is_lost(status):
     code, body = get(port, "/healthz")
     assert code == 503 and R in body and "not registered" in body
     harness.kubelet.reject.clear()
-    harness.daemon.registrar.retry_now()
+    harness.daemon.frontend.registrar.retry_now()
     deadline = time.monotonic() + 10
     while get(port, "/healthz")[0] != 200:
         assert time.monotonic() < deadline, "healthz never recovered"
