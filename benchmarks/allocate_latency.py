@@ -31,6 +31,8 @@ import grpc
 sys.path.insert(0, str(Path(__file__).parent))
 from synthetic import gpu_node
 
+from deviceplugin.api.deviceplugin.v1beta1 import api_pb2 as api
+from deviceplugin.api.deviceplugin.v1beta1 import api_pb2_grpc as api_grpc
 from deviceplugin.config import Config
 from deviceplugin.discovery import discover
 from deviceplugin.naming import (
@@ -39,8 +41,6 @@ from deviceplugin.naming import (
 )
 from deviceplugin.pool import DevicePool
 from deviceplugin.sysfs import SysfsScanner
-from deviceplugin.v1beta1 import api_pb2 as api
-from deviceplugin.v1beta1 import api_pb2_grpc as api_grpc
 
 PCI_IDS_TEXT = "10de  NVIDIA Corporation\n\t1e84  TU104 [GeForce RTX 2070 SUPER]\n"
 PCI_IDS = parse_pci_ids(PCI_IDS_TEXT)

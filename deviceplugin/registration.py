@@ -16,8 +16,8 @@ from dataclasses import dataclass
 
 import grpc
 
-from deviceplugin.v1beta1 import api_pb2 as api
-from deviceplugin.v1beta1 import api_pb2_grpc as api_grpc
+from deviceplugin.api.deviceplugin.v1beta1 import api_pb2 as api
+from deviceplugin.api.deviceplugin.v1beta1 import api_pb2_grpc as api_grpc
 
 log = logging.getLogger(__name__)
 

@@ -15,12 +15,12 @@ from concurrent import futures
 
 import grpc
 
+from deviceplugin.api.deviceplugin.v1beta1 import api_pb2 as api
+from deviceplugin.api.deviceplugin.v1beta1 import api_pb2_grpc as api_grpc
 from deviceplugin.discovery import Device
 from deviceplugin.metrics import Recorder
 from deviceplugin.naming import socket_name
 from deviceplugin.pool import DevicePool, DeviceUnavailable, UnknownDevice
-from deviceplugin.v1beta1 import api_pb2 as api
-from deviceplugin.v1beta1 import api_pb2_grpc as api_grpc
 
 log = logging.getLogger(__name__)
 

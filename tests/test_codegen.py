@@ -5,11 +5,11 @@ from __future__ import annotations
 from pathlib import Path
 
 from deviceplugin import codegen
-from deviceplugin.v1beta1 import api_pb2
+from deviceplugin.api.deviceplugin.v1beta1 import api_pb2
 
-GENERATED_DIR = Path(codegen.__file__).parent / "v1beta1"
+PACKAGE_ROOT = Path(codegen.__file__).parent.parent
 
-# (message, field, number, type, repeated) from k8s.io/kubelet/pkg/apis/deviceplugin/v1beta1/api.proto
+# (message, field, number, type, repeated) from k8s.io/kubelet/pkg/apis/deviceplugin/api/deviceplugin/v1beta1/api.proto
 UPSTREAM = [
     ("DevicePluginOptions", "pre_start_required", 1, "bool", False),
     ("DevicePluginOptions", "get_preferred_allocation_available", 2, "bool", False),
@@ -51,10 +51,19 @@ SCALARS = {1: "double", 3: "int64", 5: "int32", 8: "bool", 9: "string"}
 
 def test_generated_code_is_not_stale(tmp_path):
     codegen.generate(tmp_path)
-    for name in codegen.GENERATED:
-        fresh = (tmp_path / "deviceplugin" / "v1beta1" / name).read_text()
-        committed = (GENERATED_DIR / name).read_text()
-        assert fresh == committed, f"{name} is stale: run `python -m deviceplugin.codegen` and commit the result"
+    for proto in codegen.PROTO_FILES:
+        for name in codegen.GENERATED:
+            rel = Path(codegen.generated_dir(proto)) / name
+            fresh = (tmp_path / rel).read_text()
+            committed = (PACKAGE_ROOT / rel).read_text()
+            assert fresh == committed, f"{rel} is stale: run `python -m deviceplugin.codegen` and commit the result"
+
+
+def test_every_generated_package_has_an_init():
+    for proto in codegen.PROTO_FILES:
+        parts = Path(codegen.generated_dir(proto)).parts
+        for depth in range(1, len(parts) + 1):
+            assert (PACKAGE_ROOT.joinpath(*parts[:depth]) / "__init__.py").exists(), f"{'/'.join(parts[:depth])} needs an __init__.py"
 
 
 def test_package_and_method_paths_are_the_kubelets():

@@ -8,10 +8,10 @@ import grpc_testing
 import pytest
 from conftest import inventory_of
 
+from deviceplugin.api.deviceplugin.v1beta1 import api_pb2 as api
 from deviceplugin.pool import DevicePool
 from deviceplugin.server import DevicePluginServicer
 from deviceplugin.sim.node import gpu
-from deviceplugin.v1beta1 import api_pb2 as api
 
 R = "nvidia.com/GA104"
 SERVICE = api.DESCRIPTOR.services_by_name["DevicePlugin"]

@@ -18,8 +18,8 @@ ALLOWED: dict[str, set[str]] = {
     "discovery": {"config", "naming", "sysfs"},
     "pool": {"discovery", "naming", "sysfs"},
     "metrics": set(),
-    "server": {"discovery", "metrics", "naming", "pool", "v1beta1"},
-    "registration": {"v1beta1"},
+    "server": {"discovery", "metrics", "naming", "pool", "api"},
+    "registration": {"api"},
     "watch": set(),
     "frontend": {"metrics", "naming", "pool", "registration", "server"},
     "daemon": {"config", "discovery", "frontend", "metrics", "naming", "pool", "registration", "sysfs", "watch"},
@@ -28,7 +28,7 @@ ALLOWED: dict[str, set[str]] = {
     "kubevirt": {"discovery"},
     "status": {"daemon", "report"},
     "sim.node": {"sysfs"},
-    "sim.kubelet": {"naming", "v1beta1"},
+    "sim.kubelet": {"naming", "api"},
 }
 
 

@@ -16,10 +16,10 @@ import grpc
 import pytest
 from conftest import PCI_IDS_PATH, Harness
 
+from deviceplugin.api.deviceplugin.v1beta1 import api_pb2 as api
 from deviceplugin.config import parse_config
 from deviceplugin.sim.kubelet import FakeKubelet
 from deviceplugin.sim.node import Fn, gpu
-from deviceplugin.v1beta1 import api_pb2 as api
 
 R = "nvidia.com/GA104"
 GPU1 = "0000:01:00.0"
@@ -248,7 +248,7 @@ def test_allocate_storm_while_devices_flap(harness):
     def client(seed: int) -> None:
         rng = random.Random(seed)
         channel = grpc.insecure_channel(f"unix://{harness.daemon.frontend.servers[R].socket_path}")
-        from deviceplugin.v1beta1 import api_pb2_grpc
+        from deviceplugin.api.deviceplugin.v1beta1 import api_pb2_grpc
 
         stub = api_pb2_grpc.DevicePluginStub(channel)
         for n in range(625):

@@ -19,9 +19,9 @@ from dataclasses import dataclass, field
 
 import grpc
 
+from deviceplugin.api.deviceplugin.v1beta1 import api_pb2 as api
+from deviceplugin.api.deviceplugin.v1beta1 import api_pb2_grpc as api_grpc
 from deviceplugin.naming import resource_name_error
-from deviceplugin.v1beta1 import api_pb2 as api
-from deviceplugin.v1beta1 import api_pb2_grpc as api_grpc
 
 SUPPORTED_VERSIONS = ("v1beta1",)
 DIAL_TIMEOUT = 10.0
