@@ -20,7 +20,8 @@ from deviceplugin.discovery import Inventory, discover
 from deviceplugin.frontend import DevicePluginFrontend, Frontend
 from deviceplugin.metrics import Recorder
 from deviceplugin.naming import PciIds
-from deviceplugin.pool import Change, DevicePool
+from deviceplugin.podresources import DEFAULT_SOCKET, Poller
+from deviceplugin.pool import Change, DevicePool, Holdings
 from deviceplugin.registration import BACKOFF
 from deviceplugin.sysfs import NodeSnapshot, SysfsScanner
 from deviceplugin.watch import DirWatcher
@@ -36,6 +37,11 @@ class Options:
     plugin_dir: str = "/var/lib/kubelet/device-plugins"
     rescan_interval: float = 5.0
     registration_backoff: tuple[float, ...] = BACKOFF
+    pod_resources_socket: str = DEFAULT_SOCKET
+
+
+# Events the daemon handles itself; every other kind belongs to the front end (its watch dirs).
+DAEMON_EVENTS = frozenset({"dev", "stale", "holders"})
 
 
 class Daemon:
@@ -49,6 +55,9 @@ class Daemon:
         self.scanner = SysfsScanner(options.sysfs_root, options.dev_root)
         self.pool = DevicePool(options.sysfs_root, options.dev_root)
         self.pool.on_stale = lambda: self.notify("stale")
+        self.holders = Poller(options.pod_resources_socket, self._on_holdings)
+        self.pool.on_allocated = self.holders.request
+        self._holdings: Holdings | None = None  # the latest PodResources answer, applied on the control thread
         self.frontend: Frontend = frontend or DevicePluginFrontend(
             self.pool, options.plugin_dir, self.recorder, options.registration_backoff
         )
@@ -70,6 +79,7 @@ class Daemon:
 
     def start(self) -> None:
         self.frontend.start()
+        self.holders.start()
         # Watch before the first scan: a change between the scan and the watch would otherwise
         # go unseen until the next timer rescan.
         self.watcher.start()
@@ -103,11 +113,47 @@ class Daemon:
                 return kinds
 
     def handle(self, kinds: set[str]) -> None:
-        own = kinds - {"dev", "stale"}
+        own = kinds - DAEMON_EVENTS
         if own:
             self.frontend.handle(own)
+        if "holders" in kinds:
+            self._apply_holdings()
         if kinds & {"dev", "stale", "timer"}:
             self.reconcile()
+
+    def _on_holdings(self, holdings: Holdings) -> None:
+        """The PodResources poller's answer (its own thread): hand it to the control thread."""
+        self._holdings = holdings
+        self.notify("holders")
+
+    def _apply_holdings(self) -> None:
+        holdings = self._holdings
+        if holdings is None:
+            return
+        previous = self.pool.holdings()
+        if previous.ok != holdings.ok:
+            if holdings.ok:
+                log.info("PodResources API answers: holders are known")
+            else:
+                log.warning("holder unknown: %s", holdings.error)
+        for change in self.pool.set_holdings(holdings):
+            _log_change(change)
+        self._record()
+
+    def _record(self) -> None:
+        """Metrics from the pool: health counts, companion tokens, and who holds what."""
+        self.recorder.set_devices(self.device_counts())
+        holdings = self.pool.holdings()
+        held: dict[str, dict[str, bool]] = {}
+        companions: dict[tuple[str, str], int] = {}
+        for resource in self.pool.resources():
+            devices = self.pool.devices(resource)[1]
+            held[resource] = {d.id: holdings.holder(resource, d.id) is not None for d in devices}
+            for d in devices:
+                if d.role:
+                    companions[(resource, d.role)] = companions.get((resource, d.role), 0) + d.healthy
+        self.recorder.set_allocations(holdings.ok, held)
+        self.recorder.set_companions(companions)
 
     # --- the one reconcile path ----------------------------------------------------------------
     def reconcile(self) -> list[Change]:
@@ -121,9 +167,10 @@ class Daemon:
             self.inventory = inventory
             for change in changes:
                 _log_change(change)
-            self.recorder.set_devices(self.device_counts())
+            self._record()
         self.recorder.rescanned(time.perf_counter() - started)
         self.frontend.sync()
+        self.holders.request()  # every reconcile: a pod that went away releases its hold within one rescan
         return changes
 
     def device_counts(self) -> dict[str, tuple[int, int]]:
@@ -134,9 +181,16 @@ class Daemon:
             counts[resource] = (healthy, len(devices) - healthy)
         return counts
 
+    def health(self) -> tuple[bool, str]:
+        """For /healthz: not before the first scan, then whatever the front end says."""
+        if self.inventory is None:
+            return False, "starting: the first scan of the node has not finished"
+        return self.frontend.health()
+
     # --- stopping -------------------------------------------------------------------------------
     def shutdown(self) -> None:
         self.watcher.stop()
+        self.holders.stop()
         self.frontend.shutdown()
         self.pool.stop()
 

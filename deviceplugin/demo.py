@@ -17,6 +17,7 @@ from deviceplugin.sim.kubelet import FakeKubelet
 from deviceplugin.sim.node import demo_node
 
 RESOURCE = "nvidia.com/GA104"
+AUDIO = "nvidia.com/GA104_AUDIO"
 
 
 def run_demo() -> int:
@@ -35,7 +36,7 @@ def run_demo() -> int:
             stop.set()
             daemon.notify("stop")
             thread.join(timeout=5)
-            kubelet.wait_for(lambda k: k.allocatable().get(RESOURCE) == 0, timeout=3)
+            kubelet.wait_for(lambda k: not any(k.allocatable().values()), timeout=3)
             print(f"\nAfter the plugin stopped, allocatable is {kubelet.allocatable()} (it sent an empty list).")
             kubelet.stop()
 
@@ -44,7 +45,7 @@ def _show(root: object, kubelet: FakeKubelet, daemon: Daemon) -> int:
     print(f"Example node in {root}:")
     print("  IOMMU group 13: 0000:01:00.0 10de:2484 GA104 [GeForce RTX 3070] + 0000:01:00.1 10de:228b audio, both on vfio-pci")
     print("  IOMMU group 14: 0000:02:00.0 10de:1b06 GTX 1080 Ti on vfio-pci, 0000:02:00.1 audio still on snd_hda_intel")
-    if not kubelet.wait_for(lambda k: k.allocatable().get(RESOURCE) == 1, timeout=15):
+    if not kubelet.wait_for(lambda k: k.allocatable().get(RESOURCE) == 1 and k.allocatable().get(AUDIO) == 1, timeout=15):
         print(f"FAILED: the test kubelet never saw {RESOURCE} (capacity {kubelet.capacity()})")
         return 1
     print("\nThe kubelet registered the plugin over its unix socket and now reports:")
@@ -55,7 +56,9 @@ def _show(root: object, kubelet: FakeKubelet, daemon: Daemon) -> int:
     for spec in response.devices:
         print(f"  device {spec.host_path} -> {spec.container_path} ({spec.permissions})")
     for key, value in sorted(response.envs.items()):
-        print(f"  env    {key}={value}   (virt-launcher reads this to find the GPU)")
+        what = "its own audio function" if key.endswith("_AUDIO") else "the GPU"
+        print(f"  env    {key}={value}   (virt-launcher reads this to find {what})")
+    print(f"\nA VM that also lists {AUDIO} under hostDevices gets the audio function of the GPU it was given.")
     print("\nWhy the second GPU is not offered:")
     assert daemon.inventory is not None
     for group in daemon.inventory.groups:

@@ -1,9 +1,13 @@
 """Turns a node snapshot into what the plugin offers, and says why for every IOMMU group.
 
 A pure function: `discover(snapshot, config, pci_ids) -> Inventory`. The IOMMU group is the unit of
-allocation (a VFIO group can be opened by one process only), so one group = one device offered to the
-kubelet, identified by its primary function's address. `inspect`, `doctor`, the pool and the servers
-all read the same Inventory, so they cannot disagree about whether a device is usable.
+isolation (a VFIO group can be opened by one process only), so a group travels whole; but KubeVirt
+hands out one address per `gpus` entry, so the unit the kubelet counts is a GPU: every display
+endpoint of a viable group is a device (ID = its address), and a group without one offers its primary
+function. The pool keeps a multi-GPU group from being split across pods. A card's own audio/USB/UCSI
+functions become *companion tokens* under `<resource>_AUDIO` etc.; the function a VM gets is always the
+one on its GPU's card. `inspect`, `doctor`, the pool and the servers all read the same Inventory, so
+they cannot disagree about whether a device is usable.
 """
 
 from __future__ import annotations
@@ -11,8 +15,8 @@ from __future__ import annotations
 from collections import defaultdict
 from dataclasses import dataclass
 
-from deviceplugin.config import Config, Rule
-from deviceplugin.naming import Naming, PciIds, auto_name
+from deviceplugin.config import COMPANION_ROLES, Config, Rule
+from deviceplugin.naming import Naming, PciIds, auto_name, companion_resource
 from deviceplugin.sysfs import FunctionProblem, HostInfo, NodeSnapshot, PciFunction, is_vfio_driver
 
 CLASS_NAMES = {
@@ -41,18 +45,26 @@ CLASS_NAMES = {
 
 @dataclass(frozen=True)
 class Device:
-    """One offerable unit: an IOMMU group, identified by its primary function's address."""
+    """What the kubelet counts: a GPU (or a group's primary function), or a companion token of one.
+
+    A companion token (role set) stands for one of a card's own functions; its health is its GPU's,
+    and which function a VM gets is decided by the GPU it was allocated (see pool.allocate).
+    """
 
     id: str
     resource: str
     group: str
     numa_node: int
-    ids: str  # vendor:device of the primary function
+    ids: str  # vendor:device of this device's own function
     addresses: tuple[str, ...]  # every function of the group
     drivers: tuple[tuple[str, str | None], ...]  # (address, driver) as scanned, for the Allocate recheck
     vfio_cdevs: tuple[str, ...]  # iommufd char devices (vfioN) of the group's vfio-bound functions
     healthy: bool
     reason: str = ""
+    mates: tuple[str, ...] = ()  # the other devices of the same IOMMU group (any resource)
+    companions: tuple[tuple[str, str], ...] = ()  # (role, address) of this card's own functions, offered roles only
+    role: str = ""  # a companion token: "audio", "usb" or "serial"
+    owner: str = ""  # a companion token: the device whose card the function is on
 
 
 @dataclass(frozen=True)
@@ -68,6 +80,9 @@ class GroupReport:
     naming: str | None
     numa_node: int | None
     selected_by: str | None
+    devices: tuple[str, ...] = ()  # IDs of the group's devices (candidates, healthy or not), in address order
+    companions: tuple[tuple[str, str, str, str], ...] = ()  # (device, role, address, companion resource)
+    notes: tuple[str, ...] = ()  # facts about the group that are not reasons against it
 
 
 @dataclass(frozen=True)
@@ -77,7 +92,7 @@ class Inventory:
     problems: tuple[FunctionProblem, ...]
     ungrouped: tuple[PciFunction, ...]
     notes: tuple[str, ...]
-    devices: dict[str, tuple[Device, ...]]  # resource -> candidates, healthy or not
+    devices: dict[str, tuple[Device, ...]]  # resource -> candidates, healthy or not (companion tokens included)
     pools: dict[str, tuple[str, ...]]  # resource -> vendor:device ids pooled under it
 
     def offered(self) -> dict[str, tuple[str, ...]]:
@@ -131,11 +146,12 @@ def pick_primary(functions: tuple[PciFunction, ...]) -> PciFunction | None:
     return None
 
 
-def _match_rule(rules: tuple[Rule, ...], functions: tuple[PciFunction, ...], primary: PciFunction | None) -> Rule | None:
+def _match_rule(rules: tuple[Rule, ...], functions: tuple[PciFunction, ...], candidate: PciFunction | None) -> Rule | None:
+    """The first rule that excludes the group (any of its functions) or selects this candidate."""
     for rule in rules:
         if rule.exclude and any(rule.matches(fn) for fn in functions):
             return rule
-        if not rule.exclude and primary is not None and rule.matches(primary):
+        if not rule.exclude and candidate is not None and rule.matches(candidate):
             return rule
     return None
 
@@ -146,24 +162,28 @@ def _naming(primary: PciFunction, rule: Rule | None, config: Config, db: PciIds)
     return auto_name(primary.vendor, primary.device, db, config.naming)
 
 
-def _health_reasons(
-    group: str, functions: tuple[PciFunction, ...], unreadable: list[FunctionProblem], primary: PciFunction, snapshot: NodeSnapshot
-) -> list[str]:
+def _group_reasons(group: str, functions: tuple[PciFunction, ...], unreadable: list[FunctionProblem], snapshot: NodeSnapshot) -> list[str]:
+    """Why no device of this group can be used (empty: the group itself is fine)."""
     reasons = [blocker_reason(fn) for fn in functions if blocks_group(fn)]
     reasons += [f"{p.address} in this group could not be read ({p.reason}), so the group cannot be checked" for p in unreadable]
-    if not is_vfio_driver(primary.driver) and not blocks_group(primary):
-        bound = f"bound to {primary.driver}" if primary.driver else "bound to no driver"
-        reasons.append(f"{describe(primary)} is {bound}, so a VM cannot open it: bind it to vfio-pci ({bind_commands(primary.address)})")
-    if not reasons and f"noiommu-{group}" in snapshot.devnodes:
-        reasons.append(
+    if reasons:
+        return reasons
+    if f"noiommu-{group}" in snapshot.devnodes:
+        return [
             f"group {group} is in VFIO no-IOMMU mode (/dev/vfio/noiommu-{group}): DMA is not isolated and KubeVirt cannot "
             "use it; enable the IOMMU instead of vfio.enable_unsafe_noiommu_mode"
-        )
-    elif not reasons and group not in snapshot.devnodes:
-        reasons.append(
-            f"/dev/vfio/{group} is missing although the group is bound to vfio-pci (is the vfio module loaded and /dev mounted?)"
-        )
-    return reasons
+        ]
+    if group not in snapshot.devnodes and any(is_vfio_driver(fn.driver) for fn in functions):
+        return [f"/dev/vfio/{group} is missing although the group is bound to vfio-pci (is the vfio module loaded and /dev mounted?)"]
+    return []
+
+
+def _device_reason(fn: PciFunction) -> str | None:
+    """Why this one function cannot be opened by a VM although its group may be fine."""
+    if is_vfio_driver(fn.driver) or blocks_group(fn):
+        return None  # a blocking host driver is already a group reason
+    bound = f"bound to {fn.driver}" if fn.driver else "bound to no driver"
+    return f"{describe(fn)} is {bound}, so a VM cannot open it: bind it to vfio-pci ({bind_commands(fn.address)})"
 
 
 def _not_selected_reason(primary: PciFunction, cards: dict[str, PciFunction]) -> str:
@@ -188,6 +208,7 @@ class _NodeIndex:
     snapshot: NodeSnapshot
     unreadable: dict[str, list[FunctionProblem]]  # group -> its members that could not be read
     cards: dict[str, PciFunction]  # bus:device slot -> its display function
+    slots: dict[str, list[PciFunction]]  # bus:device slot -> every function on it
 
 
 def _index(snapshot: NodeSnapshot) -> _NodeIndex:
@@ -196,60 +217,186 @@ def _index(snapshot: NodeSnapshot) -> _NodeIndex:
         if p.iommu_group is not None:
             unreadable[p.iommu_group].append(p)
     cards = {fn.address[:-1]: fn for fn in reversed(snapshot.functions) if fn.is_display}
-    return _NodeIndex(snapshot, unreadable, cards)
+    slots: dict[str, list[PciFunction]] = defaultdict(list)
+    for fn in snapshot.functions:
+        slots[fn.address[:-1]].append(fn)
+    return _NodeIndex(snapshot, unreadable, cards, slots)
+
+
+def role_of(fn: PciFunction) -> str | None:
+    """The companion role a card function can play, by its class: audio, usb or serial (UCSI)."""
+    for role, prefixes in COMPANION_ROLES.items():
+        if any(fn.class_code.startswith(p) for p in prefixes):
+            return role
+    return None
+
+
+def _card_companions(
+    device: PciFunction, group: str, node: _NodeIndex, roles: tuple[str, ...]
+) -> tuple[list[tuple[str, PciFunction]], list[str]]:
+    """(role, function) of the card's own functions that can travel with this GPU, and notes on the rest.
+
+    Only the card's own slot counts (never a chipset device that merely shares the group), only one
+    function per role, and only functions a VM can open (on a vfio driver).
+    """
+    found: dict[str, PciFunction] = {}
+    notes: list[str] = []
+    for fn in node.slots.get(device.address[:-1], []):
+        role = role_of(fn)
+        if fn is device or fn.is_pci_bridge or role is None or role in found:
+            continue
+        if fn.iommu_group != group:
+            notes.append(
+                f"the card's {role} function {fn.address} sits in its own IOMMU group {fn.iommu_group} (ACS split), so it is "
+                f"not a companion of {device.address}: a VM gets it only as a device of its own "
+                f'(offer it with the config rule {{class: "{fn.class_code[:4]}"}} and request it under hostDevices)'
+            )
+        elif role not in roles:
+            continue
+        elif not is_vfio_driver(fn.driver):
+            notes.append(f"the card's {role} function {fn.address} is on {fn.driver or 'no driver'}, so it is not offered as a companion")
+        else:
+            found[role] = fn
+    return sorted(found.items(), key=lambda item: item[1].address), notes
+
+
+@dataclass(frozen=True)
+class _Candidate:
+    fn: PciFunction
+    rule: Rule | None
+    selected_by: str
+
+
+def _candidates(functions: tuple[PciFunction, ...], primary: PciFunction, config: Config) -> tuple[list[_Candidate], Rule | None]:
+    """The functions the kubelet will count: every display endpoint, else the primary; and an exclude rule."""
+    displays = [fn for fn in functions if fn.is_display] or [primary]
+    selected = []
+    for fn in displays:
+        rule = _match_rule(config.rules, functions, fn)
+        if rule is not None and rule.exclude:
+            return [], rule
+        if rule is not None:
+            selected.append(_Candidate(fn, rule, rule.describe()))
+        elif any(fn.class_code.startswith(c) for c in config.classes):
+            selected.append(_Candidate(fn, None, f"class {fn.class_code[:4]} is offered by default"))
+    return selected, None
 
 
 def _report_group(
     group: str, functions: tuple[PciFunction, ...], node: _NodeIndex, config: Config, db: PciIds
-) -> tuple[GroupReport, Device | None]:
+) -> tuple[GroupReport, list[Device]]:
     names = tuple(db.device_name(fn.vendor, fn.device) for fn in functions)
     unreadable = node.unreadable.get(group, [])
     viable = not any(blocks_group(fn) for fn in functions) and not unreadable
     primary = pick_primary(functions)
-    rule = _match_rule(config.rules, functions, primary)
-    selected_by: str | None = None
-    if rule is not None and rule.exclude:
-        reasons = [f"excluded by {rule.describe()}"]
-    elif primary is None:
-        reasons = ["not a passthrough candidate: no display controller and no function bound to vfio-pci"]
-    elif rule is not None or any(primary.class_code.startswith(c) for c in config.classes):
-        selected_by = rule.describe() if rule is not None else f"class {primary.class_code[:4]} is offered by default"
-        reasons = _health_reasons(group, functions, unreadable, primary, node.snapshot)
-    else:
-        reasons = [_not_selected_reason(primary, node.cards)]
-    if selected_by is None or primary is None:
+
+    def unoffered(reasons: list[str]) -> tuple[GroupReport, list[Device]]:
         report = GroupReport(
             group, functions, names, viable, False, tuple(reasons), primary.address if primary else None, None, None, None, None
         )
-        return report, None
-    naming = _naming(primary, rule, config, db)
-    healthy = not reasons
-    device = Device(
-        id=primary.address,
-        resource=naming.resource,
-        group=group,
-        numa_node=primary.numa_node,
-        ids=primary.ids,
-        addresses=tuple(fn.address for fn in functions),
-        drivers=tuple((fn.address, fn.driver) for fn in functions),
-        vfio_cdevs=tuple(fn.vfio_cdev for fn in functions if fn.vfio_cdev),
-        healthy=healthy,
-        reason="; ".join(reasons),
-    )
+        return report, []
+
+    if primary is None:
+        excluded = _match_rule(config.rules, functions, None)
+        if excluded is not None:
+            return unoffered([f"excluded by {excluded.describe()}"])
+        return unoffered(["not a passthrough candidate: no display controller and no function bound to vfio-pci"])
+    candidates, excluded = _candidates(functions, primary, config)
+    if excluded is not None:
+        return unoffered([f"excluded by {excluded.describe()}"])
+    if not candidates:
+        return unoffered([_not_selected_reason(primary, node.cards)])
+    group_reasons = _group_reasons(group, functions, unreadable, node.snapshot)
+    devices, reasons, notes, companions = _group_devices(group, functions, candidates, group_reasons, node, config, db)
+    first = candidates[0]
     report = GroupReport(
-        group,
-        functions,
-        names,
-        viable,
-        healthy,
-        tuple(reasons),
-        primary.address,
-        naming.resource,
-        naming.source,
-        primary.numa_node,
-        selected_by,
+        id=group,
+        functions=functions,
+        names=names,
+        viable=viable,
+        offered=any(d.healthy for d in devices if not d.role),
+        reasons=tuple(reasons),
+        primary=first.fn.address,
+        resource=devices[0].resource,
+        naming=_naming(first.fn, first.rule, config, db).source,
+        numa_node=first.fn.numa_node,
+        selected_by=first.selected_by,
+        devices=tuple(d.id for d in devices if not d.role),
+        companions=tuple(companions),
+        notes=tuple(notes),
     )
-    return report, device
+    return report, devices
+
+
+def _group_devices(
+    group: str,
+    functions: tuple[PciFunction, ...],
+    candidates: list[_Candidate],
+    group_reasons: list[str],
+    node: _NodeIndex,
+    config: Config,
+    db: PciIds,
+) -> tuple[list[Device], list[str], list[str], list[tuple[str, str, str, str]]]:
+    """The group's devices and companion tokens, with the group's reasons and notes."""
+    addresses = tuple(fn.address for fn in functions)
+    drivers = tuple((fn.address, fn.driver) for fn in functions)
+    cdevs = tuple(fn.vfio_cdev for fn in functions if fn.vfio_cdev)
+    ids = tuple(c.fn.address for c in candidates)
+    devices: list[Device] = []
+    reasons = list(group_reasons)
+    notes: list[str] = []
+    companions: list[tuple[str, str, str, str]] = []
+    if len(candidates) > 1:
+        notes.append(
+            f"IOMMU group {group} holds {len(candidates)} GPUs ({', '.join(ids)}): each is a device, but the group can only "
+            "be opened by one VM, so once a pod holds one of them the others turn Unhealthy until it is gone (ACS isolation "
+            "or another slot would split the group)"
+        )
+    for cand in candidates:
+        own = _device_reason(cand.fn)
+        if own:
+            reasons.append(own)
+        why = "; ".join([*group_reasons, *([own] if own else [])])
+        found, card_notes = _card_companions(cand.fn, group, node, config.companions)
+        notes += card_notes
+        resource = _naming(cand.fn, cand.rule, config, db).resource
+        device = Device(
+            id=cand.fn.address,
+            resource=resource,
+            group=group,
+            numa_node=cand.fn.numa_node,
+            ids=cand.fn.ids,
+            addresses=addresses,
+            drivers=drivers,
+            vfio_cdevs=cdevs,
+            healthy=not why,
+            reason=why,
+            mates=tuple(i for i in ids if i != cand.fn.address),
+            companions=tuple((role, fn.address) for role, fn in found),
+        )
+        devices.append(device)
+        for role, fn in found:
+            token = _token(device, role, fn)
+            companions.append((device.id, role, fn.address, token.resource))
+            devices.append(token)
+    return devices, reasons, notes, companions
+
+
+def _token(owner: Device, role: str, fn: PciFunction) -> Device:
+    return Device(
+        id=fn.address,
+        resource=companion_resource(owner.resource, role),
+        group=owner.group,
+        numa_node=owner.numa_node,
+        ids=fn.ids,
+        addresses=owner.addresses,
+        drivers=owner.drivers,
+        vfio_cdevs=owner.vfio_cdevs,
+        healthy=owner.healthy,
+        reason=owner.reason,
+        role=role,
+        owner=owner.id,
+    )
 
 
 def _host_notes(snapshot: NodeSnapshot, ungrouped: list[PciFunction]) -> list[str]:
@@ -276,9 +423,9 @@ def discover(snapshot: NodeSnapshot, config: Config, db: PciIds) -> Inventory:
     pools: dict[str, set[str]] = defaultdict(set)
     node = _index(snapshot)
     for group in sorted(by_group, key=int):
-        report, device = _report_group(group, tuple(sorted(by_group[group], key=lambda f: f.address)), node, config, db)
+        report, found = _report_group(group, tuple(sorted(by_group[group], key=lambda f: f.address)), node, config, db)
         reports.append(report)
-        if device is not None:
+        for device in found:
             devices[device.resource].append(device)
             pools[device.resource].add(device.ids)
     return Inventory(

@@ -28,6 +28,15 @@ class Recorder:
         self.rescan_seconds = Gauge(f"{PREFIX}_rescan_duration_seconds", "Duration of the last sysfs rescan", registry=r)
         self.rescans = Counter(f"{PREFIX}_rescans", "sysfs rescans (timer, inotify events and stale allocations)", registry=r)
         self.rescan_time = Gauge(f"{PREFIX}_last_rescan_timestamp_seconds", "Unix time of the last sysfs rescan", registry=r)
+        # Who holds what comes from the kubelet's PodResources API; no pod labels, so cardinality stays bounded.
+        self.device_allocated = Gauge(
+            "vfio_device_allocated", "1 while the kubelet has the device allocated to a pod", ["resource", "device"], registry=r
+        )
+        self.in_use = Gauge(f"{PREFIX}_devices_in_use", "Devices the kubelet has allocated to pods, per resource", ["resource"], registry=r)
+        self.pod_resources_up = Gauge(f"{PREFIX}_pod_resources_up", "1 when the last PodResources call answered", registry=r)
+        self.companions = Gauge(
+            f"{PREFIX}_companions", "Healthy companion tokens per companion resource and role", ["resource", "role"], registry=r
+        )
         self._lock = threading.Lock()
         self.last_allocate: dict[str, dict[str, object]] = {}
 
@@ -62,6 +71,23 @@ class Recorder:
         for resource, (healthy, unhealthy) in counts.items():
             self.devices.labels(resource, "Healthy").set(healthy)
             self.devices.labels(resource, "Unhealthy").set(unhealthy)
+
+    def set_allocations(self, known: bool, held: dict[str, dict[str, bool]]) -> None:
+        """held: resource -> device -> allocated to a pod, from PodResources; kept as they were while it is unknown."""
+        self.pod_resources_up.set(1 if known else 0)
+        if not known:
+            return
+        self.device_allocated.clear()  # devices that left the node drop out
+        for resource, devices in held.items():
+            for device, is_held in devices.items():
+                self.device_allocated.labels(resource, device).set(1 if is_held else 0)
+            self.in_use.labels(resource).set(sum(devices.values()))
+
+    def set_companions(self, counts: dict[tuple[str, str], int]) -> None:
+        """(companion resource, role) -> healthy tokens."""
+        self.companions.clear()
+        for (resource, role), n in counts.items():
+            self.companions.labels(resource, role).set(n)
 
     def exposition(self) -> bytes:
         return generate_latest(self.registry)

@@ -140,6 +140,13 @@ def resource_name_error(name: str) -> str | None:
     return None
 
 
+def companion_resource(resource: str, role: str) -> str:
+    """`nvidia.com/GA104` + audio -> `nvidia.com/GA104_AUDIO`; the base is cut so the name part stays <= 63."""
+    domain, _, part = resource.partition("/")
+    suffix = "_" + role.upper()
+    return f"{domain}/{clamp_name(part[: MAX_NAME - len(suffix)])}{suffix}"
+
+
 def env_var_name(resource: str) -> str:
     """KubeVirt's contract: PCI_RESOURCE_ + upper-case name with '/' and '.' replaced by '_'."""
     return "PCI_RESOURCE_" + resource.upper().replace("/", "_").replace(".", "_")

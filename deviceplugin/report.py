@@ -34,6 +34,13 @@ def inventory_json(inv: Inventory, pci_ids: PciIds, naming: str) -> dict[str, An
     }
 
 
+def _companions_json(g: GroupReport) -> dict[str, dict[str, str]]:
+    out: dict[str, dict[str, str]] = {}
+    for device, role, address, _ in g.companions:
+        out.setdefault(device, {})[role] = address
+    return out
+
+
 def _group_json(g: GroupReport) -> dict[str, Any]:
     return {
         "id": g.id,
@@ -41,11 +48,14 @@ def _group_json(g: GroupReport) -> dict[str, Any]:
         "offered": g.offered,
         "resource": g.resource,
         "device_id": g.primary if g.resource else None,
+        "devices": list(g.devices),
+        "companions": _companions_json(g),
         "primary": g.primary,
         "numa_node": g.numa_node,
         "naming": g.naming,
         "selected_by": g.selected_by,
         "reasons": list(g.reasons),
+        "notes": list(g.notes),
         "functions": [
             {
                 "address": fn.address,
@@ -102,7 +112,8 @@ def inventory_text(inv: Inventory, pci_ids: PciIds, naming: str) -> str:
 
 def _group_text(g: GroupReport) -> list[str]:
     if g.offered:
-        head = f"IOMMU group {g.id}: OFFERED as {g.resource}, device ID {g.primary}, NUMA node {g.numa_node}"
+        ids = f"device IDs {', '.join(g.devices)}" if len(g.devices) > 1 else f"device ID {g.primary}"
+        head = f"IOMMU group {g.id}: OFFERED as {g.resource}, {ids}, NUMA node {g.numa_node}"
     elif g.resource:
         head = f"IOMMU group {g.id}: NOT OFFERED (would be {g.resource}); viable: {_yes(g.viable).lower()}"
     else:
@@ -114,5 +125,8 @@ def _group_text(g: GroupReport) -> list[str]:
         )
     if g.naming:
         lines.append(f"    name: {g.naming}")
+    for device, role, address, resource in g.companions:
+        lines.append(f"    companion: {address} is the {role} function of {device} (offered as {resource})")
+    lines += [f"    note: {n}" for n in g.notes]
     lines += [f"    why: {r}" for r in g.reasons]
     return lines

@@ -20,7 +20,7 @@ from deviceplugin.api.deviceplugin.v1beta1 import api_pb2_grpc as api_grpc
 from deviceplugin.discovery import Device
 from deviceplugin.metrics import Recorder
 from deviceplugin.naming import socket_name
-from deviceplugin.pool import DevicePool, DeviceUnavailable, UnknownDevice
+from deviceplugin.pool import DevicePool, DeviceUnavailable, InvalidRequest, UnknownDevice
 
 log = logging.getLogger(__name__)
 
@@ -85,6 +85,9 @@ class DevicePluginServicer(api_grpc.DevicePluginServicer):
                 allocation = self.pool.allocate(self.resource, req.devices_ids)
             except UnknownDevice as exc:
                 self.recorder.allocation_failed(self.resource, "unknown_device")
+                context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+            except InvalidRequest as exc:
+                self.recorder.allocation_failed(self.resource, "invalid_request")
                 context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
             except DeviceUnavailable as exc:
                 self.recorder.allocation_failed(self.resource, "unavailable")

@@ -23,7 +23,7 @@ def status_document(daemon: Daemon) -> dict[str, Any]:
 
 
 def health(daemon: Daemon) -> tuple[bool, str]:
-    return daemon.frontend.health()
+    return daemon.health()
 
 
 class _Handler(BaseHTTPRequestHandler):

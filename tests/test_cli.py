@@ -25,8 +25,10 @@ def test_inspect_json_document(node):
     doc = json.loads(result.stdout)
     assert set(doc) >= {"host", "groups", "resources", "pools", "problems"}
     assert doc["host"]["iommu_enabled"] is True and doc["host"]["vfio_modules"]["vfio_pci"] is True
-    assert doc["resources"] == {"nvidia.com/GA104": ["0000:01:00.0"]}
+    assert doc["resources"] == {"nvidia.com/GA104": ["0000:01:00.0"], "nvidia.com/GA104_AUDIO": ["0000:01:00.1"]}
     g13 = next(g for g in doc["groups"] if g["id"] == "13")
+    assert g13["devices"] == ["0000:01:00.0"]
+    assert g13["companions"] == {"0000:01:00.0": {"audio": "0000:01:00.1"}}
     assert {k: g13[k] for k in ("viable", "offered", "resource", "device_id", "numa_node", "reasons")} == {
         "viable": True,
         "offered": True,
@@ -61,11 +63,12 @@ def test_inspect_text_says_why(node):
 def test_naming_option_and_missing_database(node):
     node.add_all(gpu("0000:01:00.0", "2484", "228b", "13"))
     full = json.loads(run("inspect", "--json", "--naming", "full", *node.cli_args(PCI_IDS_PATH)).stdout)
-    assert full["resources"] == {"nvidia.com/GA104_GEFORCE_RTX_3070": ["0000:01:00.0"]}
+    assert full["resources"]["nvidia.com/GA104_GEFORCE_RTX_3070"] == ["0000:01:00.0"]
+    assert full["resources"]["nvidia.com/GA104_GEFORCE_RTX_3070_AUDIO"] == ["0000:01:00.1"]
     empty = node.root / "empty.ids"
     empty.write_text("")
     doc = json.loads(run("inspect", "--json", *node.cli_args(empty)).stdout)
-    assert doc["resources"] == {"nvidia.com/2484": ["0000:01:00.0"]}
+    assert doc["resources"]["nvidia.com/2484"] == ["0000:01:00.0"]
     assert "fallback to the device id" in doc["groups"][0]["naming"]
 
 
@@ -94,8 +97,9 @@ def test_demo_runs_the_real_plugin_against_a_test_kubelet():
     result = run("demo", timeout=120)
     assert result.returncode == 0, result.stdout + result.stderr
     out = result.stdout
-    assert "allocatable: {'nvidia.com/GA104': 1}" in out
+    assert "allocatable: {'nvidia.com/GA104': 1, 'nvidia.com/GA104_AUDIO': 1}" in out
     assert "PCI_RESOURCE_NVIDIA_COM_GA104=0000:01:00.0" in out
+    assert "PCI_RESOURCE_NVIDIA_COM_GA104_AUDIO=0000:01:00.1" in out
     assert "device /dev/vfio/13 -> /dev/vfio/13 (mrw)" in out
     assert "group 14: 0000:02:00.1 (10de:10ef Audio) is bound to host driver snd_hda_intel" in out
-    assert "allocatable is {'nvidia.com/GA104': 0}" in out
+    assert "allocatable is {'nvidia.com/GA104': 0, 'nvidia.com/GA104_AUDIO': 0}" in out

@@ -6,6 +6,7 @@ from pathlib import Path
 
 from deviceplugin import codegen
 from deviceplugin.api.deviceplugin.v1beta1 import api_pb2
+from deviceplugin.api.podresources.v1 import api_pb2 as podresources_pb2
 
 PACKAGE_ROOT = Path(codegen.__file__).parent.parent
 
@@ -46,7 +47,41 @@ UPSTREAM = [
     ("DeviceSpec", "host_path", 2, "string", False),
     ("DeviceSpec", "permissions", 3, "string", False),
 ]
-SCALARS = {1: "double", 3: "int64", 5: "int32", 8: "bool", 9: "string"}
+# the same from k8s.io/kubelet/pkg/apis/podresources/v1/api.proto
+PODRESOURCES = [
+    ("AllocatableResourcesResponse", "devices", 1, "ContainerDevices", True),
+    ("AllocatableResourcesResponse", "cpu_ids", 2, "int64", True),
+    ("AllocatableResourcesResponse", "memory", 3, "ContainerMemory", True),
+    ("ListPodResourcesResponse", "pod_resources", 1, "PodResources", True),
+    ("PodResources", "name", 1, "string", False),
+    ("PodResources", "namespace", 2, "string", False),
+    ("PodResources", "containers", 3, "ContainerResources", True),
+    ("ContainerResources", "name", 1, "string", False),
+    ("ContainerResources", "devices", 2, "ContainerDevices", True),
+    ("ContainerResources", "cpu_ids", 3, "int64", True),
+    ("ContainerResources", "memory", 4, "ContainerMemory", True),
+    ("ContainerResources", "dynamic_resources", 5, "DynamicResource", True),
+    ("ContainerMemory", "memory_type", 1, "string", False),
+    ("ContainerMemory", "size", 2, "uint64", False),
+    ("ContainerMemory", "topology", 3, "TopologyInfo", False),
+    ("ContainerDevices", "resource_name", 1, "string", False),
+    ("ContainerDevices", "device_ids", 2, "string", True),
+    ("ContainerDevices", "topology", 3, "TopologyInfo", False),
+    ("TopologyInfo", "nodes", 1, "NUMANode", True),
+    ("NUMANode", "ID", 1, "int64", False),
+    ("DynamicResource", "claim_name", 2, "string", False),
+    ("DynamicResource", "claim_namespace", 3, "string", False),
+    ("DynamicResource", "claim_resources", 4, "ClaimResource", True),
+    ("ClaimResource", "cdi_devices", 1, "CDIDevice", True),
+    ("ClaimResource", "driver_name", 2, "string", False),
+    ("ClaimResource", "pool_name", 3, "string", False),
+    ("ClaimResource", "device_name", 4, "string", False),
+    ("CDIDevice", "name", 1, "string", False),
+    ("GetPodResourcesRequest", "pod_name", 1, "string", False),
+    ("GetPodResourcesRequest", "pod_namespace", 2, "string", False),
+    ("GetPodResourcesResponse", "pod_resources", 1, "PodResources", False),
+]
+SCALARS = {1: "double", 3: "int64", 4: "uint64", 5: "int32", 8: "bool", 9: "string"}
 
 
 def test_generated_code_is_not_stale(tmp_path):
@@ -81,13 +116,27 @@ def test_package_and_method_paths_are_the_kubelets():
     assert plugin.methods_by_name["ListAndWatch"].server_streaming
 
 
-def test_every_field_matches_upstream_numbers_and_types():
+def check_fields(module, table) -> None:
     seen = set()
-    for message, field, number, type_name, repeated in UPSTREAM:
-        f = api_pb2.DESCRIPTOR.message_types_by_name[message].fields_by_name[field]
+    for message, field, number, type_name, repeated in table:
+        f = module.DESCRIPTOR.message_types_by_name[message].fields_by_name[field]
         actual_type = f.message_type.name if f.message_type else SCALARS[f.type]
         assert (f.number, actual_type, f.is_repeated) == (number, type_name, repeated), f"{message}.{field}"
         seen.add((message, field))
-    for message in api_pb2.DESCRIPTOR.message_types_by_name.values():
+    for message in module.DESCRIPTOR.message_types_by_name.values():
         for f in message.fields:
-            assert (message.name, f.name) in seen or message.name == "Empty", f"unexpected field {message.name}.{f.name}"
+            assert (message.name, f.name) in seen, f"unexpected field {message.name}.{f.name}"
+
+
+def test_every_field_matches_upstream_numbers_and_types():
+    check_fields(api_pb2, UPSTREAM)
+
+
+def test_podresources_fields_and_method_paths_are_the_kubelets():
+    check_fields(podresources_pb2, PODRESOURCES)
+    service = podresources_pb2.DESCRIPTOR.services_by_name["PodResourcesLister"]
+    assert [m.full_name for m in service.methods] == [
+        "v1.PodResourcesLister.List",
+        "v1.PodResourcesLister.GetAllocatableResources",
+        "v1.PodResourcesLister.Get",
+    ]

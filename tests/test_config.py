@@ -44,6 +44,10 @@ def test_full_config_round_trip(tmp_path):
         ({"rules": [{"vendor": "10de", "exclude": "yes"}]}, "rules[0].exclude: must be true or false"),
         ({"rules": [{"vendor": "10de", "exclude": True, "resource": "a.com/b"}]}, "contradict"),
         (["not", "a", "mapping"], "top level must be a mapping"),
+        ({"companions": "audio"}, "companions: must be a list of roles (audio, usb, serial)"),
+        ({"companions": ["audio", "hdmi"]}, "companions[1]: unknown role 'hdmi'; known: audio, usb, serial"),
+        ({"companions": [{"audio": True}]}, "companions[0]: must be a role name"),
+        ({"companions": ["usb", "usb"]}, "companions: lists a role twice"),
     ],
 )
 def test_errors_name_the_key(data, message):
@@ -51,6 +55,24 @@ def test_errors_name_the_key(data, message):
         parse_config(data, source="cfg.yaml")
     assert message in str(err.value)
     assert str(err.value).startswith("cfg.yaml")
+
+
+def test_companions_default_to_audio_and_keep_a_stable_order():
+    assert load_config(None).companions == ("audio",)
+    assert parse_config({"companions": ["serial", "audio", "usb"]}).companions == ("audio", "usb", "serial")
+    assert parse_config({"companions": []}).companions == ()
+
+
+def test_errors_in_a_file_name_the_line(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("naming: short\ncompanions:\n  - audio\n  - hdmi\n")
+    with pytest.raises(ConfigError) as err:
+        load_config(str(path))
+    assert str(err.value).startswith(f"{path} line 4: companions[1]: unknown role 'hdmi'")
+    path.write_text('rules:\n  - {vendor: "10de"}\n  - {device: 2484}\n')
+    with pytest.raises(ConfigError) as err:
+        load_config(str(path))
+    assert str(err.value).startswith(f"{path} line 3: rules[1].device: quote hex ids")
 
 
 def test_bad_yaml_and_missing_file(tmp_path):

@@ -15,7 +15,9 @@ from deviceplugin.sysfs import SysfsScanner, parse_uevent
 
 
 def offered(inv: Inventory) -> dict[str, list[str]]:
-    return {r: [d.id for d in devs if d.healthy] for r, devs in inv.devices.items() if any(d.healthy for d in devs)}
+    """GPUs (and other primary devices) offered as Healthy; companion tokens are checked on their own."""
+    out = {r: [d.id for d in devs if d.healthy and not d.role] for r, devs in inv.devices.items()}
+    return {r: ids for r, ids in out.items() if ids}
 
 
 def group(inv: Inventory, gid: str):
@@ -83,12 +85,26 @@ def test_a_non_bridge_on_pcieport_still_blocks(node, pci_ids):
     assert offered(inventory_of(node, pci_ids)) == {}
 
 
-def test_two_gpus_in_one_group_are_one_device_with_the_lowest_address(node, pci_ids):
+def test_two_gpus_in_one_group_are_two_devices_that_know_their_mate(node, pci_ids):
     node.add(Fn("0000:12:00.0", "10de", "2330", "030200", "vfio-pci", "29"))
     node.add(Fn("0000:11:00.0", "10de", "2330", "030200", "vfio-pci", "29"))
     inv = inventory_of(node, pci_ids)
+    assert offered(inv) == {"nvidia.com/GH100": ["0000:11:00.0", "0000:12:00.0"]}
+    a, b = inv.devices["nvidia.com/GH100"]
+    assert a.addresses == b.addresses == ("0000:11:00.0", "0000:12:00.0") and a.group == b.group == "29"
+    assert (a.mates, b.mates) == (("0000:12:00.0",), ("0000:11:00.0",))
+    g = group(inv, "29")
+    assert g.primary == "0000:11:00.0" and g.devices == ("0000:11:00.0", "0000:12:00.0")
+    assert any("holds 2 GPUs" in n and "ACS" in n for n in g.notes)
+
+
+def test_a_gpu_of_a_shared_group_that_is_not_on_vfio_is_unhealthy_alone(node, pci_ids):
+    node.add(Fn("0000:11:00.0", "10de", "2330", "030200", "vfio-pci", "29"))
+    node.add(Fn("0000:12:00.0", "10de", "2330", "030200", None, "29"))
+    inv = inventory_of(node, pci_ids)
     assert offered(inv) == {"nvidia.com/GH100": ["0000:11:00.0"]}
-    assert inv.devices["nvidia.com/GH100"][0].addresses == ("0000:11:00.0", "0000:12:00.0")
+    bad = inv.devices["nvidia.com/GH100"][1]
+    assert not bad.healthy and "0000:12:00.0 (10de:2330 3D controller) is bound to no driver" in bad.reason
 
 
 def test_amd_gpu_is_named_under_amd_com(node, pci_ids):
@@ -193,9 +209,9 @@ def test_config_rule_renames_and_pools_two_device_ids(node, pci_ids):
     config = parse_config({"rules": [{"vendor": "10de", "class": "03", "resource": "nvidia.com/ampere"}]})
     inv = inventory_of(node, pci_ids, config)
     assert offered(inv) == {"nvidia.com/ampere": ["0000:01:00.0", "0000:02:00.0"]}
-    assert inv.pools == {"nvidia.com/ampere": ("10de:2484", "10de:2486")}
+    assert inv.pools == {"nvidia.com/ampere": ("10de:2484", "10de:2486"), "nvidia.com/ampere_AUDIO": ("10de:228b",)}
     # without the rule both GA104 variants share the short name, and the pool says so
-    assert inventory_of(node, pci_ids).pools == {"nvidia.com/GA104": ("10de:2484", "10de:2486")}
+    assert inventory_of(node, pci_ids).pools["nvidia.com/GA104"] == ("10de:2484", "10de:2486")
 
 
 def test_full_naming_matches_nvidia_plugin_names(node, pci_ids):
@@ -320,3 +336,85 @@ def test_dangling_driver_link_is_reported(node, pci_ids):
     g = group(inv, "13")
     assert not g.viable and not g.offered
     assert "0000:01:00.1 in this group could not be read" in g.reasons[0]
+
+
+# --- companions: the card's own audio/USB/UCSI functions ------------------------------------------
+def tokens(inv: Inventory) -> dict[str, list[tuple[str, str]]]:
+    """companion resource -> [(token id, owner)] of healthy tokens."""
+    out = {r: [(d.id, d.owner) for d in devs if d.role and d.healthy] for r, devs in inv.devices.items()}
+    return {r: t for r, t in out.items() if t}
+
+
+def test_two_ga104_cards_offer_two_audio_tokens_owned_by_their_gpus(node, pci_ids):
+    node.add_all(gpu("0000:01:00.0", "2484", "228b", "13") + gpu("0000:02:00.0", "2484", "228b", "14"))
+    inv = inventory_of(node, pci_ids)
+    assert offered(inv) == {"nvidia.com/GA104": ["0000:01:00.0", "0000:02:00.0"]}
+    assert tokens(inv) == {"nvidia.com/GA104_AUDIO": [("0000:01:00.1", "0000:01:00.0"), ("0000:02:00.1", "0000:02:00.0")]}
+    gpu1 = inv.devices["nvidia.com/GA104"][0]
+    assert gpu1.companions == (("audio", "0000:01:00.1"),)
+    assert group(inv, "13").companions == (("0000:01:00.0", "audio", "0000:01:00.1", "nvidia.com/GA104_AUDIO"),)
+
+
+def test_turing_with_every_role_offers_three_companion_resources(node, pci_ids):
+    turing(node)
+    inv = inventory_of(node, pci_ids, parse_config({"companions": ["audio", "usb", "serial"]}))
+    assert tokens(inv) == {
+        "nvidia.com/TU104_AUDIO": [("0000:2b:00.1", "0000:2b:00.0")],
+        "nvidia.com/TU104_SERIAL": [("0000:2b:00.3", "0000:2b:00.0")],
+        "nvidia.com/TU104_USB": [("0000:2b:00.2", "0000:2b:00.0")],
+    }
+    assert tokens(inventory_of(node, pci_ids)) == {"nvidia.com/TU104_AUDIO": [("0000:2b:00.1", "0000:2b:00.0")]}
+
+
+def test_no_companions_configured_offers_none(node, pci_ids):
+    turing(node)
+    inv = inventory_of(node, pci_ids, parse_config({"companions": []}))
+    assert tokens(inv) == {} and list(inv.devices) == ["nvidia.com/TU104"]
+    assert inv.devices["nvidia.com/TU104"][0].companions == ()
+
+
+def test_a_chipset_usb_controller_sharing_the_group_is_never_a_companion(node, pci_ids):
+    node.add_all(
+        [
+            Fn("0000:02:00.0", "1022", "43ee", "0c0330", "vfio-pci", "13"),
+            Fn("0000:02:00.2", "1022", "43e9", "060400", "pcieport", "13"),
+            *gpu("0000:04:00.0", "128b", "0e0f", "13"),
+        ]
+    )
+    inv = inventory_of(node, pci_ids, parse_config({"companions": ["audio", "usb"]}))
+    assert offered(inv) == {"nvidia.com/GK208B": ["0000:04:00.0"]}
+    assert tokens(inv) == {"nvidia.com/GK208B_AUDIO": [("0000:04:00.1", "0000:04:00.0")]}
+
+
+def test_an_acs_split_audio_function_is_its_own_group_not_a_companion(node, pci_ids):
+    node.add(Fn("0000:08:00.0", "1002", "73df", "030000", "vfio-pci", "18"))
+    node.add(Fn("0000:08:00.1", "1002", "ab28", "040300", "vfio-pci", "19"))
+    inv = inventory_of(node, pci_ids)
+    assert offered(inv) == {"amd.com/NAVI_22": ["0000:08:00.0"]} and tokens(inv) == {}
+    note = " ".join(group(inv, "18").notes)
+    assert "0000:08:00.1 sits in its own IOMMU group 19" in note and "not a companion" in note
+    # offered on its own by a rule, it is a device of its own, not a token
+    inv = inventory_of(node, pci_ids, parse_config({"rules": [{"class": "0403"}]}))
+    assert offered(inv)["amd.com/NAVI_21_23_HDMI_DP_AUDIO_CONTROLLER"] == ["0000:08:00.1"]
+
+
+def test_an_audio_function_on_no_driver_is_not_a_companion_and_says_why(node, pci_ids):
+    node.add_all(gpu("0000:01:00.0", "2484", "228b", "13", audio_driver=None))
+    inv = inventory_of(node, pci_ids)
+    assert offered(inv) == {"nvidia.com/GA104": ["0000:01:00.0"]} and tokens(inv) == {}
+    assert any("0000:01:00.1 is on no driver" in n for n in group(inv, "13").notes)
+
+
+def test_companion_tokens_follow_their_gpus_health(node, pci_ids):
+    node.add_all(gpu("0000:01:00.0", "2484", "228b", "13"))
+    os.unlink(node.dev / "vfio" / "13")
+    inv = inventory_of(node, pci_ids)
+    (token,) = inv.devices["nvidia.com/GA104_AUDIO"]
+    assert not token.healthy and token.reason == inv.devices["nvidia.com/GA104"][0].reason
+
+
+def test_companion_names_stay_valid_when_the_base_is_long(node, pci_ids):
+    node.add_all(gpu("0000:01:00.0", "2484", "228b", "13"))
+    inv = inventory_of(node, pci_ids, parse_config({"rules": [{"device": "2484", "resource": "nvidia.com/" + "A" * 63}]}))
+    (name,) = [r for r in inv.devices if r.endswith("_AUDIO")]
+    assert name == "nvidia.com/" + "A" * 57 + "_AUDIO"

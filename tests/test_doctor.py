@@ -28,7 +28,7 @@ def test_a_good_node_passes(node, pci_ids):
     checks = checks_of(node, pci_ids)
     assert {cid: v for cid, (v, _, _) in checks.items() if v != OK} == {}
     assert "offered as nvidia.com/GA104, device ID 0000:01:00.0" in checks["group.13"][1]
-    assert checks["offered"][1] == "offering nvidia.com/GA104: 1"
+    assert checks["offered"][1] == "offering nvidia.com/GA104: 1, nvidia.com/GA104_AUDIO: 1"
 
 
 @pytest.mark.parametrize(("cpu", "fix"), [("GenuineIntel", "intel_iommu=on"), ("AuthenticAMD", "AMD-Vi")])

@@ -78,7 +78,10 @@ def test_admission_calls_over_real_sockets(harness):
         ("/dev/vfio/15", "/dev/vfio/15", "mrw"),
         ("/dev/vfio/13", "/dev/vfio/13", "mrw"),
     ]
-    assert dict(container.envs) == {"PCI_RESOURCE_NVIDIA_COM_GA104": "0000:03:00.0,0000:01:00.0"}
+    assert dict(container.envs) == {
+        "PCI_RESOURCE_NVIDIA_COM_GA104": "0000:03:00.0,0000:01:00.0",
+        "PCI_RESOURCE_NVIDIA_COM_GA104_AUDIO": "0000:03:00.1,0000:01:00.1",
+    }
     assert k.stub(R).PreStartContainer(api.PreStartContainerRequest(devices_ids=ids[:1]), timeout=5) == api.PreStartContainerResponse()
 
 

@@ -30,19 +30,40 @@ def test_kubevirt_config_matches_the_registrations(node, pci_ids, naming):
     entries = patch["spec"]["configuration"]["permittedHostDevices"]["pciHostDevices"]
     assert all(e["externalResourceProvider"] is True for e in entries)
     selectors = {e["pciVendorSelector"]: e["resourceName"] for e in entries}
-    assert set(selectors) == {"10DE:2484", "10DE:2486", "1002:73DF"}
+    resources = {e["resourceName"] for e in entries}
+    assert set(selectors) == {"10DE:2484", "10DE:2486", "10DE:228B", "1002:73DF", "1002:AB28"}
     h = Harness(node, pci_ids, config=parse_config({"naming": naming})).start()
     try:
-        assert h.kubelet.wait_for(lambda k: len(k.endpoints) == len(set(selectors.values())), 10)
+        assert h.kubelet.wait_for(lambda k: len(k.endpoints) == len(resources), 10)
         registered = {r for _, r, _ in h.kubelet.registrations}
     finally:
         h.close()
-    assert set(selectors.values()) == registered
-    assert {g["deviceName"] for g in vm["spec"]["template"]["spec"]["domain"]["devices"]["gpus"]} == registered
+    assert resources == registered
+    devices = vm["spec"]["template"]["spec"]["domain"]["devices"]
+    assert {g["deviceName"] for g in devices["gpus"]} | {h["deviceName"] for h in devices["hostDevices"]} == registered
     if naming == "short":
-        assert selectors == {"10DE:2484": "nvidia.com/GA104", "10DE:2486": "nvidia.com/GA104", "1002:73DF": "amd.com/NAVI_22"}
+        assert selectors == {
+            "10DE:2484": "nvidia.com/GA104",
+            "10DE:2486": "nvidia.com/GA104",
+            "10DE:228B": "nvidia.com/GA104_AUDIO",
+            "1002:73DF": "amd.com/NAVI_22",
+            "1002:AB28": "amd.com/NAVI_22_AUDIO",
+        }
+        assert devices == {
+            "gpus": [{"name": "gpu1", "deviceName": "amd.com/NAVI_22"}, {"name": "gpu2", "deviceName": "nvidia.com/GA104"}],
+            "hostDevices": [
+                {"name": "gpu1-audio", "deviceName": "amd.com/NAVI_22_AUDIO"},
+                {"name": "gpu2-audio", "deviceName": "nvidia.com/GA104_AUDIO"},
+            ],
+        }
     else:
-        assert selectors["10DE:2484"] == "nvidia.com/GA104_GEFORCE_RTX_3070"
+        pairs = {(e["pciVendorSelector"], e["resourceName"]) for e in entries}
+        # one audio id under two names (one per card model): an entry for each, none dropped
+        assert {
+            ("10DE:228B", "nvidia.com/GA104_GEFORCE_RTX_3070_AUDIO"),
+            ("10DE:228B", "nvidia.com/GA104_GEFORCE_RTX_3060_TI_AUDIO"),
+        } <= pairs
+        assert ("10DE:2484", "nvidia.com/GA104_GEFORCE_RTX_3070") in pairs
 
 
 def test_nothing_offered_says_so(node):

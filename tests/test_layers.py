@@ -22,13 +22,15 @@ ALLOWED: dict[str, set[str]] = {
     "registration": {"api"},
     "watch": set(),
     "frontend": {"metrics", "naming", "pool", "registration", "server"},
-    "daemon": {"config", "discovery", "frontend", "metrics", "naming", "pool", "registration", "sysfs", "watch"},
+    "podresources": {"api", "pool"},
+    "daemon": {"config", "discovery", "frontend", "metrics", "naming", "podresources", "pool", "registration", "sysfs", "watch"},
     "report": {"discovery", "naming"},
     "doctor": {"discovery", "naming", "registration", "sysfs"},
     "kubevirt": {"discovery"},
     "status": {"daemon", "report"},
     "sim.node": {"sysfs"},
-    "sim.kubelet": {"naming", "api"},
+    "sim.kubelet": {"naming", "api", "sim.podresources"},
+    "sim.podresources": {"api"},
 }
 
 

@@ -18,7 +18,15 @@ def load(name: str) -> list[Listed]:
 
 
 def offered(inv):
-    return {r: [d.id for d in devs if d.healthy] for r, devs in inv.devices.items() if any(d.healthy for d in devs)}
+    """GPUs (and other primary devices) offered as Healthy; companion tokens are counted by `tokens`."""
+    out = {r: [d.id for d in devs if d.healthy and not d.role] for r, devs in inv.devices.items()}
+    return {r: ids for r, ids in out.items() if ids}
+
+
+def tokens(inv):
+    """companion resource -> [(token, its GPU)] offered as Healthy."""
+    out = {r: [(d.id, d.owner) for d in devs if d.healthy and d.role] for r, devs in inv.devices.items()}
+    return {r: t for r, t in out.items() if t}
 
 
 def group_of(listing: list[Listed], address: str) -> str:
@@ -43,7 +51,18 @@ CASES = [
     (
         "09-hgx-h100-8gpu-nvswitch.txt",
         {"17", "18", "29", "49", "50", "58", "86", "87", "88", "89"},
-        {"nvidia.com/GH100": ["0000:11:00.0", "0000:41:00.0", "0000:44:00.0", "0000:86:00.0", "0000:bb:00.0", "0000:be:00.0"]},
+        {
+            "nvidia.com/GH100": [
+                "0000:11:00.0",
+                "0000:12:00.0",
+                "0000:41:00.0",
+                "0000:44:00.0",
+                "0000:86:00.0",
+                "0000:87:00.0",
+                "0000:bb:00.0",
+                "0000:be:00.0",
+            ]
+        },
     ),
     ("extras/x1-msi-b450m-mortar-raven-ridge-rx580.txt", {"8"}, {"amd.com/ELLESMERE": ["0000:10:00.0"]}),
     ("extras/x2-asrock-z170-itx-gtx960.txt", {"1"}, {"nvidia.com/GM206": ["0000:01:00.0"]}),
@@ -100,9 +119,14 @@ def test_gpu_in_a_chipset_group_is_not_viable_even_with_its_own_functions_on_vfi
 
 def test_navi_audio_in_its_own_group_is_explained_as_part_of_the_card(node, pci_ids):
     build(node, load("05-gigabyte-b550-aorus-pro-3900x-rx6950xt-rx550.txt"), {"18", "19"})
-    text = reasons(inventory_of(node, pci_ids), "19")
+    inv = inventory_of(node, pci_ids)
+    text = reasons(inv, "19")
     assert "0000:08:00.1 (1002:ab28 Audio) is a function of the card at 0000:08:00.0 but sits in its own IOMMU group" in text
     assert "a VM gets 0000:08:00.0 alone" in text and '{class: "0403"}' in text
+    # and the GPU's side says its audio is not a companion, rather than pretending it is
+    gpu_notes = " ".join(next(g for g in inv.groups if g.id == "18").notes)
+    assert "0000:08:00.1 sits in its own IOMMU group 19 (ACS split), so it is not a companion of 0000:08:00.0" in gpu_notes
+    assert tokens(inv) == {}
 
 
 def test_before_acs_override_the_gpu_shares_a_group_with_the_fpga(node, pci_ids):
@@ -130,12 +154,43 @@ def test_hgx_nvswitch_needs_a_rule_and_short_names_would_pool_it_with_the_gpus(n
     build(node, listing, {i.group for i in listing})
     inv = inventory_of(node, pci_ids)
     assert 'add the config rule {class: "0680"}' in reasons(inv, "86")
-    two_gpu_group = inv.devices["nvidia.com/GH100"][0]
-    assert two_gpu_group.addresses == ("0000:11:00.0", "0000:12:00.0")
+    first, second = inv.devices["nvidia.com/GH100"][:2]
+    assert first.addresses == second.addresses == ("0000:11:00.0", "0000:12:00.0") and first.group == second.group == "29"
     pooled = inventory_of(node, pci_ids, parse_config({"rules": [{"class": "0680"}]}))
     assert pooled.pools == {"nvidia.com/GH100": ("10de:22a3", "10de:2330")}
     named = inventory_of(node, pci_ids, parse_config({"rules": [{"class": "0680", "resource": "nvidia.com/nvswitch"}]}))
-    assert len(offered(named)["nvidia.com/nvswitch"]) == 4 and len(offered(named)["nvidia.com/GH100"]) == 6
+    assert len(offered(named)["nvidia.com/nvswitch"]) == 4 and len(offered(named)["nvidia.com/GH100"]) == 8
+
+
+AUDIO_TOKENS = [
+    ("01-asus-z690-i7-12700k-rtx3090.txt", {"18"}, {"nvidia.com/GA102_AUDIO": [("0000:01:00.1", "0000:01:00.0")]}),
+    ("04-gigabyte-x570-aorus-pro-wifi-3900x-gtx1080ti-gt710.txt", {"30", "31"}, None),
+    ("05-gigabyte-b550-aorus-pro-3900x-rx6950xt-rx550.txt", {"18", "19"}, {}),
+    ("09-hgx-h100-8gpu-nvswitch.txt", {"17", "18", "29", "58"}, {}),
+]
+
+
+@pytest.mark.parametrize(("name", "vfio", "expected"), AUDIO_TOKENS, ids=[c[0].split("-")[0] for c in AUDIO_TOKENS])
+def test_real_layouts_offer_each_card_its_own_audio(node, pci_ids, name, vfio, expected):
+    listing = load(name)
+    build(node, listing, vfio)
+    inv = inventory_of(node, pci_ids)
+    found = tokens(inv)
+    if expected is not None:
+        assert found == expected
+    for resource, pairs in found.items():  # every token is a function of its own GPU's card, in its group
+        for token, gpu in pairs:
+            assert token[:-1] == gpu[:-1] and group_of(listing, token) == group_of(listing, gpu), resource
+
+
+def test_turing_four_function_card_offers_three_companion_resources(node, pci_ids):
+    build(node, load("02-msi-b550m-mortar-rtx2070super-gt710.txt"), {"14"})
+    inv = inventory_of(node, pci_ids, parse_config({"companions": ["audio", "usb", "serial"]}))
+    assert tokens(inv) == {
+        "nvidia.com/TU104_AUDIO": [("0000:2b:00.1", "0000:2b:00.0")],
+        "nvidia.com/TU104_SERIAL": [("0000:2b:00.3", "0000:2b:00.0")],
+        "nvidia.com/TU104_USB": [("0000:2b:00.2", "0000:2b:00.0")],
+    }
 
 
 def test_a40_sriov_virtual_functions_are_32_devices_and_mdev_lines_are_ignored(node, pci_ids):

@@ -120,7 +120,12 @@ def test_kubelet_restarted_50_times(harness):
     two_gpus(harness.node)
     harness.node.add_all(gpu("0000:03:00.0", "73df", "ab28", "15", vendor="1002"))
     harness.start()
-    expected = {R: {GPU1: "Healthy", GPU2: "Healthy"}, "amd.com/NAVI_22": {"0000:03:00.0": "Healthy"}}
+    expected = {
+        R: {GPU1: "Healthy", GPU2: "Healthy"},
+        R + "_AUDIO": {"0000:01:00.1": "Healthy", "0000:02:00.1": "Healthy"},
+        "amd.com/NAVI_22": {"0000:03:00.0": "Healthy"},
+        "amd.com/NAVI_22_AUDIO": {"0000:03:00.1": "Healthy"},
+    }
     k = harness.kubelet
     assert k.wait_for(lambda k: all(k.devices(r) == d for r, d in expected.items()), 10)
     for i in range(50):

@@ -5,6 +5,8 @@ the request (API version, extended resource name), dials the plugin back synchro
 its options, then reads ListAndWatch in the background; capacity counts every device, allocatable
 only the healthy ones, and a stream that ends marks the resource's devices unhealthy. `restart()`
 deletes every socket in the directory and recreates kubelet.sock, as a restarting kubelet does.
+`admit()` admits a pod like the device manager (pick healthy free devices, GetPreferredAllocation when
+there is a choice, Allocate) and records it, so the PodResources API it also serves lists it.
 Used by `demo`, the tests and the benchmarks.
 """
 
@@ -22,6 +24,7 @@ import grpc
 from deviceplugin.api.deviceplugin.v1beta1 import api_pb2 as api
 from deviceplugin.api.deviceplugin.v1beta1 import api_pb2_grpc as api_grpc
 from deviceplugin.naming import resource_name_error
+from deviceplugin.sim.podresources import PodResourcesServer, Pods
 
 SUPPORTED_VERSIONS = ("v1beta1",)
 DIAL_TIMEOUT = 10.0
@@ -42,9 +45,13 @@ class Endpoint:
 
 
 class FakeKubelet(api_grpc.RegistrationServicer):
-    def __init__(self, plugin_dir: str) -> None:
+    def __init__(self, plugin_dir: str, pod_resources_socket: str | None = None) -> None:
         self.plugin_dir = plugin_dir
         self.socket = os.path.join(plugin_dir, "kubelet.sock")
+        self.pods: Pods = {}
+        self.pod_resources = (
+            PodResourcesServer(pod_resources_socket, self._pods_copy, self._allocatable_ids) if pod_resources_socket else None
+        )
         self.endpoints: dict[str, Endpoint] = {}
         self.registrations: list[tuple[float, str, str]] = []  # (time, resource, endpoint)
         self.update_log: list[tuple[float, str, dict[str, str]]] = []  # (monotonic, resource, devices)
@@ -55,6 +62,8 @@ class FakeKubelet(api_grpc.RegistrationServicer):
     # --- lifecycle ------------------------------------------------------------------------------
     def start(self) -> FakeKubelet:
         os.makedirs(self.plugin_dir, exist_ok=True)
+        if self.pod_resources is not None:
+            self.pod_resources.start()
         server = grpc.server(futures.ThreadPoolExecutor(max_workers=8, thread_name_prefix="kubelet"))
         api_grpc.add_RegistrationServicer_to_server(self, server)
         server.add_insecure_port(f"unix://{self.socket}")
@@ -63,6 +72,8 @@ class FakeKubelet(api_grpc.RegistrationServicer):
         return self
 
     def stop(self) -> None:
+        if self.pod_resources is not None:
+            self.pod_resources.stop()
         if self._server is not None:
             self._server.stop(grace=0).wait()
             self._server = None
@@ -174,6 +185,44 @@ class FakeKubelet(api_grpc.RegistrationServicer):
             ]
         )
         return list(self.stub(resource).GetPreferredAllocation(request, timeout=10).container_responses[0].deviceIDs)
+
+    # --- pods: admission as the device manager does it, and what PodResources lists -------------
+    def in_use(self, resource: str) -> set[str]:
+        with self._cond:
+            return {d for containers in self.pods.values() for res in containers.values() for d in res.get(resource, [])}
+
+    def admit(
+        self, pod: str, requests: dict[str, int | list[str]], namespace: str = "default", container: str = "compute"
+    ) -> dict[str, api.ContainerAllocateResponse]:
+        """Allocates each resource (a count, or the exact IDs) for one container and records the pod."""
+        responses = {}
+        for resource, want in requests.items():
+            ids = list(want) if isinstance(want, list) else self._pick(resource, want)
+            responses[resource] = self.allocate(resource, *ids).container_responses[0]
+            with self._cond:
+                self.pods.setdefault((namespace, pod), {}).setdefault(container, {})[resource] = ids
+        return responses
+
+    def _pick(self, resource: str, count: int) -> list[str]:
+        used = self.in_use(resource)
+        free = sorted(d for d, h in self.devices(resource).items() if h == "Healthy" and d not in used)
+        if len(free) < count:
+            raise RuntimeError(f"{resource}: {count} requested, {len(free)} free")
+        if len(free) == count or not self.endpoints[resource].options.get_preferred_allocation_available:
+            return free[:count]
+        return self.preferred(resource, free, [], count)
+
+    def remove_pod(self, pod: str, namespace: str = "default") -> None:
+        with self._cond:
+            self.pods.pop((namespace, pod), None)
+
+    def _pods_copy(self) -> Pods:
+        with self._cond:
+            return {k: {c: {r: list(i) for r, i in res.items()} for c, res in v.items()} for k, v in self.pods.items()}
+
+    def _allocatable_ids(self) -> dict[str, list[str]]:
+        with self._cond:
+            return {r: sorted(d for d, h in ep.devices.items() if h == "Healthy") for r, ep in self.endpoints.items()}
 
 
 def _close(ep: Endpoint) -> None:
