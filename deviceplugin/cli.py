@@ -1,7 +1,9 @@
 """Command line: `vfio-device-plugin {serve,inspect,doctor,kubevirt-config,demo}`.
 
 Every subcommand takes the same node options after its name, so `inspect --sysfs-root /host/sys`
-shows exactly what `serve --sysfs-root /host/sys` would offer.
+shows exactly what `serve --sysfs-root /host/sys` would offer. Every option also reads an environment
+variable (`--config` <- VFIO_DP_CONFIG): the DaemonSet sets the variables, so a command run with
+`kubectl exec` in the pod sees the same config, naming and paths as `serve`. A flag wins over its variable.
 """
 
 from __future__ import annotations
@@ -9,6 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import signal
 import sys
 import threading
@@ -21,6 +24,9 @@ from deviceplugin.config import Config, ConfigError, load_config
 from deviceplugin.daemon import Daemon, Options
 from deviceplugin.discovery import Inventory, discover
 from deviceplugin.naming import NAMINGS, PciIds, load_pci_ids
+from deviceplugin.podresources import DEFAULT_SOCKET as POD_RESOURCES_SOCKET
+from deviceplugin.podresources import fetch
+from deviceplugin.pool import Holdings
 from deviceplugin.report import inventory_json, inventory_text
 from deviceplugin.sysfs import SysfsScanner
 
@@ -31,18 +37,48 @@ class UsageError(Exception):
     pass
 
 
+ENV_PREFIX = "VFIO_DP_"
+
+
+def env_name(flag: str) -> str:
+    """--sysfs-root -> VFIO_DP_SYSFS_ROOT."""
+    return ENV_PREFIX + flag.removeprefix("--").replace("-", "_").upper()
+
+
+def _option(group: argparse._ArgumentGroup, flag: str, default: Any, help: str, **kwargs: Any) -> None:
+    """An option whose default comes from its environment variable when that is set."""
+    env = env_name(flag)
+    kwargs["default"] = os.environ.get(env, default)
+    group.add_argument(flag, help=f"{help} [env {env}]", **kwargs)
+
+
+def _check_choices(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """argparse does not check defaults against `choices`; a value from the environment must be checked here."""
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            sub = action.choices.get(getattr(args, "command", ""))
+            if sub is not None:
+                _check_choices(sub, args)
+        elif action.choices is not None and action.dest in vars(args):
+            value = getattr(args, action.dest)
+            if value is not None and value not in action.choices:
+                choices = ", ".join(map(str, action.choices))
+                raise UsageError(f"{env_name(action.option_strings[0])}={value!r}: must be one of {choices}")
+
+
 def _node_options() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(add_help=False)
-    g = p.add_argument_group("node options")
-    g.add_argument("--sysfs-root", default="/sys", help="where sysfs is mounted (default /sys)")
-    g.add_argument("--dev-root", default="/dev", help="where to look for /dev/vfio (default /dev)")
-    g.add_argument("--proc-root", default="/proc", help="where procfs is mounted (default /proc)")
-    g.add_argument("--device-plugin-dir", default="/var/lib/kubelet/device-plugins", help="the kubelet's device-plugin dir")
-    g.add_argument("--pci-ids", default=None, help="pci.ids database (default /usr/share/misc/pci.ids, /usr/share/hwdata/pci.ids)")
-    g.add_argument("--config", default=None, help="YAML config file (naming, classes, rules)")
-    g.add_argument("--naming", choices=NAMINGS, default=None, help="resource names: short (GA104) or full (GA104_GEFORCE_RTX_3070)")
-    g.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
-    g.add_argument("--log-format", default="text", choices=["text", "json"])
+    g = p.add_argument_group("node options (each also read from its environment variable; a flag wins)")
+    _option(g, "--sysfs-root", "/sys", "where sysfs is mounted (default /sys)")
+    _option(g, "--dev-root", "/dev", "where the host's /dev (vfio, iommu) is (default /dev)")
+    _option(g, "--proc-root", "/proc", "where procfs is mounted (default /proc)")
+    _option(g, "--device-plugin-dir", "/var/lib/kubelet/device-plugins", "the kubelet's device-plugin dir")
+    _option(g, "--pod-resources-socket", POD_RESOURCES_SOCKET, f"the kubelet's PodResources socket (default {POD_RESOURCES_SOCKET})")
+    _option(g, "--pci-ids", None, "pci.ids database (default /usr/share/misc/pci.ids, /usr/share/hwdata/pci.ids)")
+    _option(g, "--config", None, "YAML config file (naming, classes, companions, rules)")
+    _option(g, "--naming", None, "resource names: short (GA104) or full (GA104_GEFORCE_RTX_3070)", choices=NAMINGS)
+    _option(g, "--log-level", "info", "log level", choices=["debug", "info", "warning", "error"])
+    _option(g, "--log-format", "text", "log format", choices=["text", "json"])
     return p
 
 
@@ -54,8 +90,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     common = _node_options()
     serve = sub.add_parser("serve", parents=[common], help="run the device plugin (the DaemonSet's entrypoint)")
-    serve.add_argument("--rescan-interval", type=_positive_float, default=5.0, help="seconds between sysfs rescans (default 5)")
-    serve.add_argument("--status-port", type=int, default=None, help="serve /metrics, /status and /healthz on this port (off by default)")
+    own = serve.add_argument_group("serve options")
+    _option(own, "--rescan-interval", 5.0, "seconds between sysfs rescans (default 5)", type=_positive_float)
+    _option(own, "--status-port", None, "serve /metrics, /status and /healthz on this port (off by default)", type=int)
     inspect = sub.add_parser("inspect", parents=[common], help="what this node offers, and why not")
     inspect.add_argument("--json", action="store_true", help="print one JSON document (schema in the README)")
     doctor = sub.add_parser("doctor", parents=[common], help="preflight checks with fixes; exit 1 if any fails")
@@ -109,19 +146,31 @@ def scan(args: argparse.Namespace, config: Config, pci_ids: PciIds) -> Inventory
     return discover(SysfsScanner(args.sysfs_root, args.dev_root).scan(), config, pci_ids)
 
 
+def holdings(args: argparse.Namespace) -> Holdings:
+    return fetch(args.pod_resources_socket)
+
+
 def cmd_inspect(args: argparse.Namespace) -> int:
     config, pci_ids = load_inputs(args)
     inventory = scan(args, config, pci_ids)
+    held = holdings(args)
     if args.json:
-        print(json.dumps(inventory_json(inventory, pci_ids, config.naming), indent=2))
+        print(json.dumps(inventory_json(inventory, pci_ids, config.naming, held), indent=2))
     else:
-        sys.stdout.write(inventory_text(inventory, pci_ids, config.naming))
+        sys.stdout.write(inventory_text(inventory, pci_ids, config.naming, held))
     return 0
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
     config, pci_ids = load_inputs(args)
-    options = Options(args.sysfs_root, args.dev_root, args.proc_root, args.device_plugin_dir, args.rescan_interval)
+    options = Options(
+        args.sysfs_root,
+        args.dev_root,
+        args.proc_root,
+        args.device_plugin_dir,
+        args.rescan_interval,
+        pod_resources_socket=args.pod_resources_socket,
+    )
     daemon = Daemon(options, config, pci_ids)
     stop = threading.Event()
 
@@ -152,7 +201,7 @@ def cmd_doctor(args: argparse.Namespace) -> int:
     from deviceplugin.doctor import run_doctor
 
     config, pci_ids = load_inputs(args)
-    return run_doctor(args, scan(args, config, pci_ids))
+    return run_doctor(args, scan(args, config, pci_ids), holdings(args))
 
 
 def cmd_kubevirt_config(args: argparse.Namespace) -> int:
@@ -179,7 +228,13 @@ COMMANDS = {
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+        _check_choices(parser, args)
+    except UsageError as exc:
+        print(f"vfio-device-plugin: error: {exc}", file=sys.stderr)
+        return 2
     setup_logging(getattr(args, "log_level", "warning") if args.command != "demo" else "warning", getattr(args, "log_format", "text"))
     try:
         return COMMANDS[args.command](args)

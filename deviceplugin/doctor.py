@@ -15,10 +15,11 @@ import sys
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 
-from deviceplugin.discovery import GroupReport, Inventory, class_name, describe
+from deviceplugin.discovery import Device, GroupReport, Inventory, class_name, describe
 from deviceplugin.naming import MAX_SOCKET_PATH, SOCKET_PREFIX, resource_name_error, socket_name
+from deviceplugin.pool import Holdings
 from deviceplugin.registration import KUBELET_SOCKET
-from deviceplugin.sysfs import is_vfio_driver
+from deviceplugin.sysfs import ADDRESS_RE, is_vfio_driver
 
 OK, WARN, FAIL = "ok", "warn", "fail"
 
@@ -240,6 +241,73 @@ def conflict_checks(inv: Inventory, node: Node) -> Iterator[Check]:
         yield Check("conflicts", OK, f"no other plugin socket in {node.plugin_dir} publishes our resources")
 
 
+# --- holders (PodResources) ----------------------------------------------------------------------
+def holder_checks(inv: Inventory, holdings: Holdings) -> Iterator[Check]:
+    """What the kubelet has handed out, against what this node can still give."""
+    if not holdings.ok:
+        yield Check(
+            "holders",
+            WARN,
+            f"holder unknown: {holdings.error}",
+            "mount the host's /var/lib/kubelet/pod-resources into the pod (the DaemonSet does) or pass --pod-resources-socket",
+        )
+        return
+    ours = {(r, d.id): d for r, devices in inv.devices.items() for d in devices}
+    by_id = {d.id: r for (r, _), d in ours.items()}
+    present = {fn.address for g in inv.groups for fn in g.functions} | {fn.address for fn in inv.ungrouped}
+    found = False
+    for (resource, device_id), holder in sorted(holdings.devices.items()):
+        device = ours.get((resource, device_id))
+        check = _held_check(resource, device_id, holder.name + f" ({holder.container})", device, by_id.get(device_id), present, inv)
+        if check is not None:
+            found = True
+            yield check
+    if not found:
+        held = sum(1 for key in holdings.devices if key in ours)
+        yield Check("holders", OK, f"{held} device(s) of this plugin held by pods, all usable")
+
+
+def _held_check(
+    resource: str, device_id: str, pod: str, device: Device | None, offered_as: str | None, present: set[str], inv: Inventory
+) -> Check | None:
+    cid = f"held.{resource}.{device_id}"
+    if device is not None:
+        if device.healthy:
+            return None
+        return Check(
+            cid,
+            FAIL,
+            f"{device_id} ({resource}) is held by {pod} but is Unhealthy: {device.reason}. "
+            "The VM will fail to start, or has lost the device",
+            "fix the reason above, then restart the VM (virtctl restart) so it gets a usable device",
+        )
+    if offered_as is not None:
+        return Check(
+            cid,
+            WARN,
+            f"{device_id} is held by {pod} as {resource}, but this plugin offers it as {offered_as} (renamed by a "
+            "pci.ids update or a config rule, or another plugin serves it)",
+            f'pin the old name with a config rule {{address: "{device_id}", resource: {resource}}} (or a vendor/device rule) '
+            "until the VMs move to the new name",
+        )
+    if resource in inv.devices and ADDRESS_RE.match(device_id) and device_id not in present:
+        return Check(
+            cid,
+            FAIL,
+            f"{device_id} ({resource}) is held by {pod} but is no longer on this node (removed or hot-unplugged)",
+            "restart the VM so it is scheduled onto a device that exists",
+        )
+    if resource in inv.devices:
+        return Check(
+            cid,
+            WARN,
+            f"the kubelet holds {device_id} as {resource} for {pod}, an ID this plugin never offered "
+            "(another plugin serving the same name?)",
+            "make sure only this plugin serves the resource (doctor's conflict checks), then restart the pod",
+        )
+    return None
+
+
 def summary_checks(inv: Inventory) -> Iterator[Check]:
     if inv.problems:
         listed = "; ".join(f"{p.address}: {p.reason}" for p in inv.problems)
@@ -251,13 +319,15 @@ def summary_checks(inv: Inventory) -> Iterator[Check]:
         yield Check("offered", WARN, "this node offers no device", "see the group checks above for why")
 
 
-def run_checks(inv: Inventory, node: Node) -> list[Check]:
+def run_checks(inv: Inventory, node: Node, holdings: Holdings | None = None) -> list[Check]:
     checks = list(host_checks(inv, node))
     for g in inv.groups:
         if _is_candidate(g):
             checks.extend(group_checks(g))
     checks.extend(resource_checks(inv, node))
     checks.extend(conflict_checks(inv, node))
+    if holdings is not None:
+        checks.extend(holder_checks(inv, holdings))
     checks.extend(summary_checks(inv))
     return checks
 
@@ -274,8 +344,8 @@ def render(checks: list[Check]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def run_doctor(args: argparse.Namespace, inv: Inventory) -> int:
-    checks = run_checks(inv, read_node(args))
+def run_doctor(args: argparse.Namespace, inv: Inventory, holdings: Holdings | None = None) -> int:
+    checks = run_checks(inv, read_node(args), holdings)
     failed = any(c.verdict == FAIL for c in checks)
     if args.json:
         counts = {v: sum(1 for c in checks if c.verdict == v) for v in (OK, WARN, FAIL)}

@@ -18,11 +18,8 @@ import os
 import threading
 import time
 from collections.abc import Callable
+from typing import Any
 
-import grpc
-
-from deviceplugin.api.podresources.v1 import api_pb2 as pr
-from deviceplugin.api.podresources.v1 import api_pb2_grpc as pr_grpc
 from deviceplugin.pool import Holder, Holdings
 
 log = logging.getLogger(__name__)
@@ -33,14 +30,22 @@ MIN_INTERVAL = 0.5  # between two calls: far under the kubelet's 100/s, and burs
 
 
 def fetch(socket: str, timeout: float = DEADLINE) -> Holdings:
-    """One `List` (and `GetAllocatableResources` where served); never raises."""
+    """One `List` (and `GetAllocatableResources` where served); never raises.
+
+    grpc is imported only when there is a socket to call: `inspect` on a node without one stays light.
+    """
     if not os.path.exists(socket):
         return Holdings(ok=False, error=f"{socket} does not exist (is /var/lib/kubelet/pod-resources mounted?)", at=time.time())
+    import grpc
+
+    from deviceplugin.api.podresources.v1 import api_pb2 as pr
+    from deviceplugin.api.podresources.v1 import api_pb2_grpc as pr_grpc
+
     try:
         with grpc.insecure_channel(f"unix://{socket}") as channel:
             stub = pr_grpc.PodResourcesListerStub(channel)
             listed = stub.List(pr.ListPodResourcesRequest(), timeout=timeout)
-            allocatable = _allocatable(stub, timeout)
+            allocatable = _allocatable(stub, pr, timeout)
     except grpc.RpcError as exc:
         return Holdings(ok=False, error=f"{socket}: {_why(exc, timeout)}", at=time.time())
     devices: dict[tuple[str, str], Holder] = {}
@@ -52,8 +57,10 @@ def fetch(socket: str, timeout: float = DEADLINE) -> Holdings:
     return Holdings(ok=True, devices=devices, at=time.time(), allocatable=allocatable)
 
 
-def _allocatable(stub: pr_grpc.PodResourcesListerStub, timeout: float) -> dict[str, frozenset[str]] | None:
+def _allocatable(stub: Any, pr: Any, timeout: float) -> dict[str, frozenset[str]] | None:
     """resource -> the device IDs the kubelet counts as allocatable; None where the kubelet does not serve it."""
+    import grpc
+
     try:
         response = stub.GetAllocatableResources(pr.AllocatableResourcesRequest(), timeout=timeout)
     except grpc.RpcError as exc:
@@ -66,7 +73,9 @@ def _allocatable(stub: pr_grpc.PodResourcesListerStub, timeout: float) -> dict[s
     return {r: frozenset(ids) for r, ids in out.items()}
 
 
-def _why(exc: grpc.RpcError, timeout: float) -> str:
+def _why(exc: Any, timeout: float) -> str:
+    import grpc
+
     code = exc.code()
     if code == grpc.StatusCode.RESOURCE_EXHAUSTED:
         return "rate-limited by the kubelet (RESOURCE_EXHAUSTED); will ask again on the next rescan"

@@ -5,14 +5,45 @@ The JSON document is a stable interface (schema in the README); add keys, never 
 
 from __future__ import annotations
 
+from collections import Counter
 from typing import Any
 
 from deviceplugin import __version__
 from deviceplugin.discovery import GroupReport, Inventory, class_name
 from deviceplugin.naming import PciIds
+from deviceplugin.pool import Holder, Holdings
+
+NOT_ASKED = Holdings(ok=False, error="the PodResources API was not asked")
 
 
-def inventory_json(inv: Inventory, pci_ids: PciIds, naming: str) -> dict[str, Any]:
+def _holder_json(holder: Holder | None) -> dict[str, str] | None:
+    return {"namespace": holder.namespace, "pod": holder.pod, "container": holder.container} if holder else None
+
+
+def group_holder(inv: Inventory, g: GroupReport, holdings: Holdings) -> Holder | None:
+    """Who holds the group: the holder of any of its devices (a group goes to one pod only)."""
+    for resource, devices in inv.devices.items():
+        for d in devices:
+            if d.group == g.id and not d.role and (h := holdings.holder(resource, d.id)) is not None:
+                return h
+    return None
+
+
+def token_holders(inv: Inventory, holdings: Holdings) -> dict[str, dict[str, Holder]]:
+    """companion resource -> token -> holder. Tokens are fungible: who holds one says nothing about whose function it is."""
+    out: dict[str, dict[str, Holder]] = {}
+    for resource, devices in inv.devices.items():
+        for d in devices:
+            if d.role and (h := holdings.holder(resource, d.id)) is not None:
+                out.setdefault(resource, {})[d.id] = h
+    return out
+
+
+def _pod_resources_json(holdings: Holdings) -> dict[str, Any]:
+    return {"ok": holdings.ok, "error": holdings.error, "at": holdings.at or None}
+
+
+def inventory_json(inv: Inventory, pci_ids: PciIds, naming: str, holdings: Holdings = NOT_ASKED) -> dict[str, Any]:
     return {
         "version": __version__,
         "host": {
@@ -26,8 +57,10 @@ def inventory_json(inv: Inventory, pci_ids: PciIds, naming: str) -> dict[str, An
             "naming": naming,
             "notes": list(inv.notes),
         },
-        "groups": [_group_json(g) for g in inv.groups],
+        "groups": [_group_json(g, group_holder(inv, g, holdings)) for g in inv.groups],
         "resources": {r: list(ids) for r, ids in inv.offered().items()},
+        "pod_resources": _pod_resources_json(holdings),
+        "token_holders": {r: {t: _holder_json(h) for t, h in tokens.items()} for r, tokens in token_holders(inv, holdings).items()},
         "pools": {r: list(ids) for r, ids in inv.pools.items()},
         "problems": [{"address": p.address, "reason": p.reason, "iommu_group": p.iommu_group} for p in inv.problems],
         "ungrouped": [fn.address for fn in inv.ungrouped],
@@ -41,13 +74,14 @@ def _companions_json(g: GroupReport) -> dict[str, dict[str, str]]:
     return out
 
 
-def _group_json(g: GroupReport) -> dict[str, Any]:
+def _group_json(g: GroupReport, holder: Holder | None) -> dict[str, Any]:
     return {
         "id": g.id,
         "viable": g.viable,
         "offered": g.offered,
         "resource": g.resource,
         "device_id": g.primary if g.resource else None,
+        "holder": _holder_json(holder),
         "devices": list(g.devices),
         "companions": _companions_json(g),
         "primary": g.primary,
@@ -77,7 +111,7 @@ def _yes(flag: bool) -> str:
     return "yes" if flag else "NO"
 
 
-def inventory_text(inv: Inventory, pci_ids: PciIds, naming: str) -> str:
+def inventory_text(inv: Inventory, pci_ids: PciIds, naming: str, holdings: Holdings = NOT_ASKED) -> str:
     h = inv.host
     lines = [
         f"Host: IOMMU {'on' if h.iommu_enabled else 'OFF'} ({h.iommu_groups} groups"
@@ -87,12 +121,18 @@ def inventory_text(inv: Inventory, pci_ids: PciIds, naming: str) -> str:
         f"Names: {naming} naming from {pci_ids.path or 'no pci.ids database (names fall back to device ids)'}",
     ]
     lines += [f"NOTE: {n}" for n in inv.notes]
+    if not holdings.ok:
+        lines.append(f"Holders: holder unknown: {holdings.error}")
     lines.append("")
     offered = inv.offered()
     lines.append("Offered resources:" if offered else "Offered resources: none")
     for resource, ids in offered.items():
         pooled = f" (pools {', '.join(inv.pools[resource])})" if len(inv.pools[resource]) > 1 else ""
         lines.append(f"  {resource}: {len(ids)} -> {', '.join(ids)}{pooled}")
+    for resource, tokens in token_holders(inv, holdings).items():
+        by_pod = Counter(f"{holder.name} ({holder.container})" for holder in tokens.values())
+        held = ", ".join(f"{n} by {pod}" for pod, n in sorted(by_pod.items()))
+        lines.append(f"  {resource} tokens held: {held}")
     others = []
     for g in inv.groups:
         if g.primary is None:
@@ -100,7 +140,7 @@ def inventory_text(inv: Inventory, pci_ids: PciIds, naming: str) -> str:
             others.append(f"{g.id} [{members}]")
             continue
         lines.append("")
-        lines.extend(_group_text(g))
+        lines.extend(_group_text(g, group_holder(inv, g, holdings)))
     if others:
         lines += ["", "Groups with no display controller and nothing on vfio-pci (not candidates):"]
         lines += [f"  group {o}" for o in others]
@@ -110,7 +150,7 @@ def inventory_text(inv: Inventory, pci_ids: PciIds, naming: str) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _group_text(g: GroupReport) -> list[str]:
+def _group_text(g: GroupReport, holder: Holder | None) -> list[str]:
     if g.offered:
         ids = f"device IDs {', '.join(g.devices)}" if len(g.devices) > 1 else f"device ID {g.primary}"
         head = f"IOMMU group {g.id}: OFFERED as {g.resource}, {ids}, NUMA node {g.numa_node}"
@@ -118,6 +158,8 @@ def _group_text(g: GroupReport) -> list[str]:
         head = f"IOMMU group {g.id}: NOT OFFERED (would be {g.resource}); viable: {_yes(g.viable).lower()}"
     else:
         head = f"IOMMU group {g.id}: NOT OFFERED; viable: {_yes(g.viable).lower()}"
+    if holder is not None:
+        head += f", held by {holder.name} ({holder.container})"
     lines = [head]
     for fn, name in zip(g.functions, g.names, strict=True):
         lines.append(

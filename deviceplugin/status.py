@@ -16,7 +16,8 @@ log = logging.getLogger(__name__)
 
 def status_document(daemon: Daemon) -> dict[str, Any]:
     inventory = daemon.inventory
-    doc: dict[str, Any] = inventory_json(inventory, daemon.pci_ids, daemon.config.naming) if inventory else {}
+    holdings = daemon.pool.holdings()
+    doc: dict[str, Any] = inventory_json(inventory, daemon.pci_ids, daemon.config.naming, holdings) if inventory else {}
     doc["mode"] = daemon.frontend.mode
     doc.update(daemon.frontend.status())
     return doc

@@ -6,6 +6,7 @@ from __future__ import annotations
 import shutil
 import tempfile
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -46,8 +47,11 @@ class Harness:
 
     def __init__(self, node: FakeNode, pci_ids: PciIds, config: Config | None = None, rescan_interval: float = 0.2) -> None:
         self.node = node
-        self.kubelet = FakeKubelet(str(node.plugins))
-        options = Options(str(node.sys), str(node.dev), str(node.proc), str(node.plugins), rescan_interval)
+        self.pod_resources = str(node.root / "pod-resources" / "kubelet.sock")
+        self.kubelet = FakeKubelet(str(node.plugins), self.pod_resources)
+        options = Options(
+            str(node.sys), str(node.dev), str(node.proc), str(node.plugins), rescan_interval, pod_resources_socket=self.pod_resources
+        )
         self.daemon = Daemon(options, config or Config(), pci_ids)
         self.stop_event = threading.Event()
         self.thread = threading.Thread(target=self.daemon.run, args=(self.stop_event,), daemon=True, name="daemon")
@@ -67,6 +71,20 @@ class Harness:
     def wait_devices(self, resource: str, expected: dict[str, str], timeout: float = 10.0) -> None:
         ok = self.kubelet.wait_for(lambda k: k.devices(resource) == expected, timeout)
         assert ok, f"kubelet sees {self.kubelet.devices(resource)} for {resource}, expected {expected}"
+
+    def wait_ready(self, timeout: float = 10.0) -> None:
+        """Every resource the pool publishes is served, registered and streamed to the kubelet."""
+        wait(lambda: self.daemon.health()[0], timeout, lambda: self.daemon.health()[1])
+        resources = set(self.daemon.pool.resources())
+        assert self.kubelet.wait_for(lambda k: set(k.endpoints) >= resources and all(k.endpoints[r].updates for r in resources), timeout)
+
+
+def wait(predicate, timeout: float = 10.0, what=lambda: "condition") -> None:
+    """Polls a condition until a deadline; the message says what never happened."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, f"timed out waiting for: {what() if callable(what) else what}"
+        time.sleep(0.01)
 
 
 @pytest.fixture

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -95,9 +96,16 @@ def host_driver(item: Listed) -> str | None:
     return HOST_DRIVERS.get(item.class_code, "hostdrv")
 
 
-def build(node: FakeNode, listing: list[Listed], vfio_groups: set[str], keep_host: set[str] = frozenset()) -> None:
+def build(
+    node: FakeNode,
+    listing: list[Listed],
+    vfio_groups: set[str],
+    keep_host: set[str] = frozenset(),
+    numa: Callable[[Listed], int] = lambda _: -1,
+) -> None:
     """Lays the listing out; functions in vfio_groups go to vfio-pci (except bridges and `keep_host`
-    addresses), the rest keep the driver the listing gives or a usual host driver."""
+    addresses), the rest keep the driver the listing gives or a usual host driver. Listings carry no
+    NUMA node: `numa` says which one each function gets."""
     for item in listing:
         if item.driver is not None and not vfio_groups:
             driver: str | None = item.driver
@@ -105,4 +113,4 @@ def build(node: FakeNode, listing: list[Listed], vfio_groups: set[str], keep_hos
             driver = "vfio-pci"
         else:
             driver = item.driver or host_driver(item)
-        node.add(Fn(item.address, item.vendor, item.device, item.class_code + "00", driver, item.group))
+        node.add(Fn(item.address, item.vendor, item.device, item.class_code + "00", driver, item.group, numa(item)))
