@@ -113,6 +113,7 @@ class Daemon:
                 return kinds
 
     def handle(self, kinds: set[str]) -> None:
+        self.watcher.ensure()  # a watched directory that was deleted, came back or was replaced is watched again
         own = kinds - DAEMON_EVENTS
         if own:
             self.frontend.handle(own)

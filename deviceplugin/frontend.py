@@ -71,6 +71,7 @@ class DevicePluginFrontend:
         self.serve_errors: dict[str, str] = {}  # resource -> why its socket could not be served
         self.registrar = Registrar(plugin_dir, self._on_registration, backoff)
         self._kubelet_inode: int | None = None
+        self._dir_gone = False
         self._lock = threading.Lock()  # guards the three dicts above for /status and /healthz readers
 
     def watch_dirs(self) -> dict[str, str]:
@@ -90,6 +91,8 @@ class DevicePluginFrontend:
     def handle(self, kinds: set[str]) -> None:
         if kinds & {"plugins", "timer"}:
             self.check_kubelet()
+            if os.path.isdir(self.plugin_dir):
+                self.sync()  # a server that could not start (its dir was going away) is retried at once
 
     def _serve(self, resource: str) -> None:
         server = PluginServer(resource, self.pool, self.plugin_dir, self.recorder)
@@ -111,15 +114,22 @@ class DevicePluginFrontend:
 
     def check_kubelet(self) -> None:
         """A restarted kubelet deletes our sockets and recreates kubelet.sock: serve again and re-register."""
+        if not os.path.isdir(self.plugin_dir):
+            if not self._dir_gone:
+                log.warning("%s is gone: waiting for the kubelet to recreate it", self.plugin_dir)
+                self._dir_gone = True
+            return
+        self._dir_gone = False
         inode = _inode(os.path.join(self.plugin_dir, KUBELET_SOCKET))
         kubelet_changed = inode is not None and inode != self._kubelet_inode
         self._kubelet_inode = inode
-        for resource, server in self.servers.items():
+        for resource, server in list(self.servers.items()):
             if not server.socket_alive():
                 log.info("socket %s was removed (kubelet restart?): serving %s again", server.socket_path, resource)
                 self._forget_registration(resource)
-                server.restart()
-                self.registrar.request(resource, server.endpoint)
+                server.stop(farewell=False)
+                del self.servers[resource]
+                self._serve(resource)  # on failure it is retried by the next sync
             elif kubelet_changed:
                 self._forget_registration(resource)
                 self.registrar.request(resource, server.endpoint)

@@ -153,10 +153,6 @@ class PluginServer:
             done.wait(2.0)
         self.finish_stop()
 
-    def restart(self) -> None:
-        self.stop(farewell=False)
-        self.start()
-
 
 def _inode(path: str) -> int | None:
     try:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
@@ -103,3 +104,43 @@ def test_demo_runs_the_real_plugin_against_a_test_kubelet():
     assert "device /dev/vfio/13 -> /dev/vfio/13 (mrw)" in out
     assert "group 14: 0000:02:00.1 (10de:10ef Audio) is bound to host driver snd_hda_intel" in out
     assert "allocatable is {'nvidia.com/GA104': 0, 'nvidia.com/GA104_AUDIO': 0}" in out
+
+
+# --- every option also reads VFIO_DP_*: commands run with `kubectl exec` agree with serve ---------------
+def run_env(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([*CLI, *args], capture_output=True, text=True, timeout=60, env={**os.environ, **env})
+
+
+def test_kubevirt_config_and_inspect_follow_the_daemonsets_variables(node):
+    node.add_all(gpu("0000:01:00.0", "2484", "228b", "13"))
+    config = node.root / "config.yaml"
+    config.write_text("rules:\n  - {vendor: '10de', device: '2484', resource: nvidia.com/rtx3070-reserved}\n")
+    env = {
+        "VFIO_DP_CONFIG": str(config),
+        "VFIO_DP_SYSFS_ROOT": str(node.sys),
+        "VFIO_DP_DEV_ROOT": str(node.dev),
+        "VFIO_DP_PROC_ROOT": str(node.proc),
+        "VFIO_DP_DEVICE_PLUGIN_DIR": str(node.plugins),
+        "VFIO_DP_PCI_IDS": str(PCI_IDS_PATH),
+        "VFIO_DP_POD_RESOURCES_SOCKET": str(node.root / "none.sock"),
+    }
+    assert "resourceName: nvidia.com/rtx3070-reserved" in run_env(env, "kubevirt-config").stdout
+    assert json.loads(run_env(env, "inspect", "--json").stdout)["resources"]["nvidia.com/rtx3070-reserved"] == ["0000:01:00.0"]
+    full = json.loads(run_env({**env, "VFIO_DP_CONFIG": "", "VFIO_DP_NAMING": "full"}, "inspect", "--json").stdout)
+    assert "nvidia.com/GA104_GEFORCE_RTX_3070" in full["resources"]
+    # a flag wins over its variable
+    short = json.loads(run_env({**env, "VFIO_DP_CONFIG": "", "VFIO_DP_NAMING": "full"}, "inspect", "--json", "--naming", "short").stdout)
+    assert "nvidia.com/GA104" in short["resources"]
+
+
+def test_a_bad_value_in_a_variable_is_a_clear_error():
+    result = run_env({"VFIO_DP_NAMING": "long"}, "inspect")
+    assert result.returncode == 2 and "VFIO_DP_NAMING='long': must be one of short, full" in result.stderr
+    result = run_env({"VFIO_DP_RESCAN_INTERVAL": "soon"}, "serve")
+    assert result.returncode == 2 and "rescan-interval" in result.stderr
+
+
+def test_help_names_the_variable_of_every_option():
+    text = " ".join(run("serve", "--help").stdout.split())
+    for flag in ("--sysfs-root", "--dev-root", "--config", "--naming", "--pci-ids", "--rescan-interval", "--status-port"):
+        assert f"env {'VFIO_DP_' + flag[2:].replace('-', '_').upper()}" in text, flag

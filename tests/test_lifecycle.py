@@ -4,8 +4,11 @@ Every wait is a condition with a deadline."""
 
 from __future__ import annotations
 
+import ctypes
+import errno
 import os
 import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -326,3 +329,75 @@ def test_a_server_that_failed_to_start_is_retried_on_a_quiet_node(harness, monke
     harness.start()
     harness.wait_devices(R, {GPU1: "Healthy"})  # nothing on the node changed: the timer retried it
     assert failures == [R]
+
+
+# --- watches that outlive their directories, and watches the kernel refuses ------------------------------
+def test_a_recreated_device_plugin_dir_is_watched_again_without_the_timer(slow_rescan, caplog):
+    h = slow_rescan
+    two_gpus(h.node)
+    h.start()
+    h.wait_ready()
+    for _ in range(2):  # twice: the re-armed watch must itself be re-armed
+        h.kubelet.stop()
+        shutil.rmtree(h.node.plugins)
+        wait(lambda: h.daemon.watcher.watching == [str(h.node.dev / "vfio")], what="the watch on the deleted dir to drop")
+        h.node.plugins.mkdir()
+        before = len(h.kubelet.registrations)
+        h.kubelet.start()
+        assert h.kubelet.wait_for(lambda k, n=before: {r for _, r, _ in k.registrations[n:]} >= {R, R + "_AUDIO"}, 5)
+        h.wait_devices(R, {GPU1: "Healthy", GPU2: "Healthy"}, timeout=5)
+    assert h.daemon.recorder.rescan_count <= 12  # events only: the one-hour timer never fired
+    assert not [r for r in caplog.records if r.exc_info], "no tracebacks"
+
+
+def test_a_vfio_module_reload_recreating_dev_vfio_is_seen_without_the_timer(slow_rescan):
+    h = slow_rescan
+    two_gpus(h.node)
+    h.start()
+    h.wait_devices(R, {GPU1: "Healthy", GPU2: "Healthy"})
+    shutil.rmtree(h.node.dev / "vfio")  # rmmod vfio_pci vfio: the kernel removes the whole directory
+    h.wait_devices(R, {GPU1: "Unhealthy", GPU2: "Unhealthy"}, timeout=5)
+    (h.node.dev / "vfio").mkdir()  # modprobe: the directory first, then its nodes
+    for name in ("vfio", "13", "14"):
+        (h.node.dev / "vfio" / name).touch()
+    h.wait_devices(R, {GPU1: "Healthy", GPU2: "Healthy"}, timeout=5)
+    assert str(h.node.dev / "vfio") in h.daemon.watcher.watching
+
+
+@pytest.fixture
+def inotify_exhausted():
+    """Takes every inotify instance root may have, as a busy node's kubelet and runtime do (shared by uid 0)."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    limit = int(open("/proc/sys/fs/inotify/max_user_instances").read())
+    if limit > 4096:
+        pytest.skip(f"fs.inotify.max_user_instances is {limit}: too many to take for a test")
+    fds = []
+    try:
+        while len(fds) <= limit:
+            fd = libc.inotify_init1(os.O_CLOEXEC)
+            if fd < 0:
+                break
+            fds.append(fd)
+        if ctypes.get_errno() != errno.EMFILE:
+            pytest.skip(f"could not exhaust inotify instances: {os.strerror(ctypes.get_errno())}")
+        yield
+    finally:
+        for fd in fds:
+            os.close(fd)
+
+
+def test_inotify_limits_are_a_warning_and_the_timer_carries_on(node, inotify_exhausted):
+    two_gpus(node)
+    kubelet = FakeKubelet(str(node.plugins)).start()
+    proc = start_serve(node)
+    try:
+        assert kubelet.wait_for(lambda k: k.allocatable().get(R) == 2, 20), "serve died or never registered"
+        os.unlink(node.dev / "vfio" / "13")  # no watch: the 0.5 s rescan sees it
+        assert kubelet.wait_for(lambda k: k.devices(R).get(GPU1) == "Unhealthy", 10)
+        assert proc.poll() is None
+    finally:
+        proc.terminate()
+        out, _ = proc.communicate(timeout=10)
+        kubelet.stop()
+    assert "inotify instance limit reached" in out and "relying on the periodic rescan" in out
+    assert "Traceback" not in out

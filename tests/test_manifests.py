@@ -3,6 +3,7 @@ privileged, the examples name what the plugin registers, and the Dockerfile buil
 
 from __future__ import annotations
 
+import os
 import re
 import shutil
 import subprocess
@@ -10,6 +11,7 @@ import tempfile
 import time
 import tomllib
 from pathlib import Path
+from unittest import mock
 
 import kubernetes_validate
 import pytest
@@ -74,20 +76,30 @@ def test_daemonset_is_least_privileged_and_node_critical():
     assert sc["seccompProfile"] == {"type": "RuntimeDefault"}
     res = container["resources"]
     assert set(res) == {"requests", "limits"} and res["limits"]["memory"] == "128Mi"
+    assert sc["seLinuxOptions"] == {"type": "container_device_plugin_t"}
     for probe in ("livenessProbe", "readinessProbe"):
         assert container[probe]["httpGet"] == {"path": "/healthz", "port": "status"}
-    assert "--status-port=8080" in container["args"] and {"name": "status", "containerPort": 8080, "protocol": "TCP"} in container["ports"]
+    assert {"name": "status", "containerPort": 8080, "protocol": "TCP"} in container["ports"]
+    assert "args" not in container and "command" not in container  # options come from the environment
 
 
-def test_mounts_the_plugin_directory_not_the_socket_and_dev_vfio_read_only():
+def env_of(container: dict) -> dict[str, str]:
+    return {e["name"]: e["value"] for e in container.get("env", [])}
+
+
+def test_mounts_directories_never_sockets_and_the_hosts_dev_read_only():
     pod = daemonset()["spec"]["template"]["spec"]
     volumes = {v["name"]: v for v in pod["volumes"]}
     mounts = {m["name"]: m for m in pod["containers"][0]["volumeMounts"]}
     assert volumes["device-plugins"]["hostPath"] == {"path": "/var/lib/kubelet/device-plugins", "type": "Directory"}
     assert mounts["device-plugins"]["mountPath"] == "/var/lib/kubelet/device-plugins"
     assert not mounts["device-plugins"].get("readOnly")
-    assert volumes["dev-vfio"]["hostPath"] == {"path": "/dev/vfio", "type": "DirectoryOrCreate"}  # nodes without vfio still run it
-    assert mounts["dev-vfio"] == {"name": "dev-vfio", "mountPath": "/dev/vfio", "readOnly": True}
+    assert volumes["pod-resources"]["hostPath"] == {"path": "/var/lib/kubelet/pod-resources", "type": "DirectoryOrCreate"}
+    assert mounts["pod-resources"] == {"name": "pod-resources", "mountPath": "/var/lib/kubelet/pod-resources", "readOnly": True}
+    # the host's /dev survives a vfio module reload (a /dev/vfio mount would go stale) and shows /dev/iommu
+    assert volumes["host-dev"]["hostPath"] == {"path": "/dev", "type": "Directory"}
+    assert mounts["host-dev"] == {"name": "host-dev", "mountPath": "/host/dev", "readOnly": True}
+    assert env_of(pod["containers"][0])["VFIO_DP_DEV_ROOT"] == "/host/dev"
     assert not any(v.get("hostPath", {}).get("path", "").endswith(".sock") for v in pod["volumes"])
     assert not any(v.get("hostPath", {}).get("path") == "/sys" for v in pod["volumes"])  # the container's own /sys
 
@@ -102,8 +114,17 @@ def test_config_map_is_a_valid_plugin_config_and_args_parse():
     assert volume["configMap"]["name"] == cm["metadata"]["name"]  # the generated, hashed name
     config = parse_config(yaml.safe_load(cm["data"]["config.yaml"]))
     assert config.naming == "short"
-    args = build_parser().parse_args(["serve", *daemonset("examples/full-naming")["spec"]["template"]["spec"]["containers"][0]["args"]])
-    assert (args.naming, args.status_port, args.log_format, args.config) == ("full", 8080, "json", "/etc/vfio-device-plugin/config.yaml")
+    env = env_of(daemonset("examples/full-naming")["spec"]["template"]["spec"]["containers"][0])
+    for command in ("serve", "inspect", "kubevirt-config"):  # every command in the pod reads the same settings
+        with mock.patch.dict(os.environ, env):
+            args = build_parser().parse_args([command])
+        assert (args.naming, args.log_format, args.config, args.dev_root) == (
+            "full",
+            "json",
+            "/etc/vfio-device-plugin/config.yaml",
+            "/host/dev",
+        )
+        assert command != "serve" or args.status_port == 8080
 
 
 def test_image_tag_is_the_package_version():
