@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import signal
 import sys
 import threading
@@ -20,6 +21,7 @@ from deviceplugin import __version__
 from deviceplugin.config import Config, ConfigError, load_config
 from deviceplugin.daemon import Daemon, Options
 from deviceplugin.discovery import Inventory, discover
+from deviceplugin.dra import options as dra_options
 from deviceplugin.naming import NAMINGS, PciIds, load_pci_ids
 from deviceplugin.report import inventory_json, inventory_text
 from deviceplugin.sysfs import SysfsScanner
@@ -53,12 +55,15 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     common = _node_options()
-    serve = sub.add_parser("serve", parents=[common], help="run the device plugin (the DaemonSet's entrypoint)")
+    dra_paths = argparse.ArgumentParser(add_help=False)
+    dra_options.add_path_arguments(dra_paths)
+    serve = sub.add_parser("serve", parents=[common, dra_paths], help="run the device plugin (the DaemonSet's entrypoint)")
+    dra_options.add_serve_arguments(serve)
     serve.add_argument("--rescan-interval", type=_positive_float, default=5.0, help="seconds between sysfs rescans (default 5)")
     serve.add_argument("--status-port", type=int, default=None, help="serve /metrics, /status and /healthz on this port (off by default)")
-    inspect = sub.add_parser("inspect", parents=[common], help="what this node offers, and why not")
+    inspect = sub.add_parser("inspect", parents=[common, dra_paths], help="what this node offers, and why not")
     inspect.add_argument("--json", action="store_true", help="print one JSON document (schema in the README)")
-    doctor = sub.add_parser("doctor", parents=[common], help="preflight checks with fixes; exit 1 if any fails")
+    doctor = sub.add_parser("doctor", parents=[common, dra_paths], help="preflight checks with fixes; exit 1 if any fails")
     doctor.add_argument("--json", action="store_true")
     sub.add_parser("kubevirt-config", parents=[common], help="print the KubeVirt permittedHostDevices patch for this node")
     sub.add_parser("demo", help="run the plugin on a built-in example node against a test kubelet")
@@ -112,17 +117,30 @@ def scan(args: argparse.Namespace, config: Config, pci_ids: PciIds) -> Inventory
 def cmd_inspect(args: argparse.Namespace) -> int:
     config, pci_ids = load_inputs(args)
     inventory = scan(args, config, pci_ids)
+    from deviceplugin.dra.view import inspect_view, view_text
+
+    dra = inspect_view(inventory, args.sysfs_root, args.driver_name, args.kubelet_plugins_dir, os.environ.get("NODE_NAME"))
     if args.json:
-        print(json.dumps(inventory_json(inventory, pci_ids, config.naming), indent=2))
+        print(json.dumps({**inventory_json(inventory, pci_ids, config.naming), "dra": dra}, indent=2))
     else:
-        sys.stdout.write(inventory_text(inventory, pci_ids, config.naming))
+        sys.stdout.write(inventory_text(inventory, pci_ids, config.naming) + "\n" + view_text(dra))
     return 0
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
     config, pci_ids = load_inputs(args)
     options = Options(args.sysfs_root, args.dev_root, args.proc_root, args.device_plugin_dir, args.rescan_interval)
-    daemon = Daemon(options, config, pci_ids)
+    if args.cleanup and args.mode != "dra":
+        raise UsageError("--cleanup is for --mode dra")
+    if args.mode == "dra":
+        from deviceplugin.dra.run import dra_frontend_factory, run_cleanup
+
+        dra = _dra_options(args)
+        if args.cleanup:
+            return run_cleanup(dra)
+        daemon = Daemon(options, config, pci_ids, make_frontend=dra_frontend_factory(dra))
+    else:
+        daemon = Daemon(options, config, pci_ids)
     stop = threading.Event()
 
     def on_signal(signum: int, _frame: object) -> None:
@@ -138,7 +156,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
         status = StatusServer(daemon, args.status_port)
         status.start()
-    log.info("vfio-device-plugin %s starting (sysfs %s, plugin dir %s)", __version__, args.sysfs_root, args.device_plugin_dir)
+    log.info("vfio-device-plugin %s starting in %s mode (sysfs %s)", __version__, args.mode, args.sysfs_root)
     try:
         daemon.run(stop)
     finally:
@@ -146,6 +164,16 @@ def cmd_serve(args: argparse.Namespace) -> int:
             status.stop()
     log.info("stopped")
     return 0
+
+
+def _dra_options(args: argparse.Namespace) -> dra_options.DraOptions:
+    try:
+        dra = dra_options.options_from_args(args)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from exc
+    if not dra.node:
+        raise UsageError("--mode dra needs the node's name: --node-name or $NODE_NAME")
+    return dra
 
 
 def cmd_doctor(args: argparse.Namespace) -> int:
