@@ -24,7 +24,7 @@ ALLOWED: dict[str, set[str]] = {
     "frontend": {"metrics", "naming", "pool", "registration", "server"},
     "daemon": {"config", "discovery", "frontend", "metrics", "naming", "pool", "registration", "sysfs", "watch"},
     "report": {"discovery", "naming"},
-    "doctor": {"discovery", "naming", "registration", "sysfs"},
+    "doctor": {"discovery", "dra.options", "naming", "registration", "sysfs"},
     "kubevirt": {"discovery"},
     "status": {"daemon", "report"},
     "sim.node": {"sysfs"},
