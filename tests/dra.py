@@ -96,7 +96,7 @@ class Cluster:
             "apiVersion": "resource.k8s.io/v1",
             "kind": "ResourceClaim",
             "metadata": {"name": name, "namespace": namespace, "annotations": annotations},
-            "spec": {"devices": {"requests": [{"name": r, "exactly": {"deviceClassName": "vfio-gpu"}} for r in requests]}},
+            "spec": {"devices": {"requests": [{"name": r, "exactly": {"deviceClassName": "vfio-tests"}} for r in requests]}},
         }
         created = self.client.create(from_dict(doc))
         status = {
@@ -120,7 +120,7 @@ class Cluster:
         doc = {
             "apiVersion": "resource.k8s.io/v1",
             "kind": "DeviceClass",
-            "metadata": {"name": "vfio-gpu"},
+            "metadata": {"name": "vfio-tests"},
             "spec": {"selectors": [{"cel": {"expression": f'device.driver == "{DRIVER}"'}}]},
         }
         try:

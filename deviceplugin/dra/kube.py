@@ -8,6 +8,7 @@ with the API server's message; a client is not shared between threads (one KubeA
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterator
 from typing import Any
 
@@ -16,6 +17,9 @@ from lightkube import Client, KubeConfig
 from lightkube.codecs import from_dict
 from lightkube.core.exceptions import ApiError
 from lightkube.resources.resource_v1 import ResourceClaim, ResourceSlice
+
+# httpx2 logs every request at INFO: one line per API call is noise in a node agent's log.
+logging.getLogger("httpx2").setLevel(logging.WARNING)
 
 FIELD_MANAGER = "vfio-device-plugin"
 TIMEOUT = 10.0  # a request that takes longer is retried on the next trigger, not waited for
