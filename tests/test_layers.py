@@ -29,7 +29,7 @@ ALLOWED: dict[str, set[str]] = {
     "status": {"daemon", "report"},
     "sim.node": {"sysfs"},
     "sim.kubelet": {"naming", "api"},
-    "sim.drakubelet": {"api", "dra.kube"},
+    "sim.drakubelet": {"api", "dra.kube", "sim.kubelet"},
     # the DRA mode (deviceplugin/dra/): pure parts below, the API client and the servers above them
     "dra.options": set(),
     "dra.files": set(),

@@ -32,6 +32,7 @@ from deviceplugin.api.dra.v1beta1 import api_pb2_grpc as v1beta1_grpc
 from deviceplugin.api.pluginregistration.v1 import api_pb2 as reg
 from deviceplugin.api.pluginregistration.v1 import api_pb2_grpc as reg_grpc
 from deviceplugin.dra.kube import KubeApi
+from deviceplugin.sim.kubelet import wait_on
 
 SERVICES: dict[str, tuple[Any, Any]] = {"v1.DRAPlugin": (v1, v1_grpc), "v1beta1.DRAPlugin": (v1beta1, v1beta1_grpc)}
 DIAL_TIMEOUT = 10.0  # the plugin watcher's dial timeout
@@ -208,14 +209,7 @@ class DraKubelet:
 
     # --- waiting --------------------------------------------------------------------------------
     def wait_for(self, predicate: Callable[[DraKubelet], bool], timeout: float = 10.0) -> bool:
-        deadline = time.monotonic() + timeout
-        with self._cond:
-            while not predicate(self):
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    return False
-                self._cond.wait(min(remaining, 0.05))
-            return True
+        return wait_on(self._cond, lambda: predicate(self), timeout)
 
     def registered(self, driver: str) -> bool:
         with self._cond:
