@@ -130,3 +130,17 @@ def test_status_and_metrics_show_the_dra_view(dra):
     text = dra.daemon.recorder.exposition().decode()
     assert 'vfio_device_plugin_dra_devices{state="published"} 2.0' in text
     assert 'vfio_device_plugin_dra_slice_writes_total{op="create"} 1.0' in text
+
+
+def test_a_plugin_restart_leaves_the_slices_untouched(dra, cluster):
+    dra.start()
+    dra.wait_registered()
+    dra.wait_devices({GPU, OTHER})
+    (before,) = cluster.slices(dra.node_name)
+    dra.stop_daemon()
+    dra.start_daemon()
+    dra.wait_registered()
+    assert wait(lambda: dra.daemon.frontend.publisher.in_sync)
+    (after,) = cluster.slices(dra.node_name)
+    assert after["metadata"]["resourceVersion"] == before["metadata"]["resourceVersion"]  # not even rewritten
+    assert 'op="update"' not in dra.daemon.recorder.exposition().decode()
