@@ -23,6 +23,7 @@ from deviceplugin import __version__
 from deviceplugin.config import Config, ConfigError, load_config
 from deviceplugin.daemon import Daemon, Options
 from deviceplugin.discovery import Inventory, discover
+from deviceplugin.dra import options as dra_options
 from deviceplugin.naming import NAMINGS, PciIds, load_pci_ids
 from deviceplugin.podresources import DEFAULT_SOCKET as POD_RESOURCES_SOCKET
 from deviceplugin.podresources import fetch
@@ -82,6 +83,35 @@ def _node_options() -> argparse.ArgumentParser:
     return p
 
 
+def _dra_path_options() -> argparse.ArgumentParser:
+    """Shared by serve, inspect and doctor: where the DRA mode's sockets and files are."""
+    p = argparse.ArgumentParser(add_help=False)
+    g = p.add_argument_group("DRA options")
+    _option(g, "--driver-name", dra_options.DEFAULT_DRIVER, f"DRA driver name, a DNS subdomain (default {dra_options.DEFAULT_DRIVER})")
+    _option(
+        g,
+        "--kubelet-plugins-dir",
+        dra_options.DEFAULT_PLUGINS_DIR,
+        f"the DRA socket lives in <dir>/<driver>/ (default {dra_options.DEFAULT_PLUGINS_DIR})",
+    )
+    _option(
+        g,
+        "--kubelet-registry-dir",
+        dra_options.DEFAULT_REGISTRY_DIR,
+        f"the kubelet's plugin registry (default {dra_options.DEFAULT_REGISTRY_DIR})",
+    )
+    return p
+
+
+def _dra_serve_options(serve: argparse.ArgumentParser) -> None:
+    g = serve.add_argument_group("mode")
+    _option(g, "--mode", "device-plugin", "device-plugin (default) or dra (resource.k8s.io/v1)", choices=dra_options.MODES)
+    _option(g, "--node-name", None, "this node's name (DRA; default $NODE_NAME)")
+    _option(g, "--kubeconfig", None, "kubeconfig file (DRA; default: the in-cluster service account)")
+    _option(g, "--cdi-dir", dra_options.DEFAULT_CDI_DIR, f"where CDI specs are written (DRA; default {dra_options.DEFAULT_CDI_DIR})")
+    g.add_argument("--cleanup", action="store_true", help="DRA: delete this node's ResourceSlices of the driver and exit")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="vfio-device-plugin", description="Offer vfio-pci bound PCI devices (whole GPUs) to Kubernetes VMs."
@@ -89,13 +119,15 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     common = _node_options()
-    serve = sub.add_parser("serve", parents=[common], help="run the device plugin (the DaemonSet's entrypoint)")
+    dra_paths = _dra_path_options()
+    serve = sub.add_parser("serve", parents=[common, dra_paths], help="run the device plugin (the DaemonSet's entrypoint)")
     own = serve.add_argument_group("serve options")
     _option(own, "--rescan-interval", 5.0, "seconds between sysfs rescans (default 5)", type=_positive_float)
     _option(own, "--status-port", None, "serve /metrics, /status and /healthz on this port (off by default)", type=int)
-    inspect = sub.add_parser("inspect", parents=[common], help="what this node offers, and why not")
+    _dra_serve_options(serve)
+    inspect = sub.add_parser("inspect", parents=[common, dra_paths], help="what this node offers, and why not")
     inspect.add_argument("--json", action="store_true", help="print one JSON document (schema in the README)")
-    doctor = sub.add_parser("doctor", parents=[common], help="preflight checks with fixes; exit 1 if any fails")
+    doctor = sub.add_parser("doctor", parents=[common, dra_paths], help="preflight checks with fixes; exit 1 if any fails")
     doctor.add_argument("--json", action="store_true")
     sub.add_parser("kubevirt-config", parents=[common], help="print the KubeVirt permittedHostDevices patch for this node")
     sub.add_parser("demo", help="run the plugin on a built-in example node against a test kubelet")
@@ -154,10 +186,13 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     config, pci_ids = load_inputs(args)
     inventory = scan(args, config, pci_ids)
     held = holdings(args)
+    from deviceplugin.dra.view import inspect_view, view_text
+
+    dra = inspect_view(inventory, args.sysfs_root, args.driver_name, args.kubelet_plugins_dir, os.environ.get("NODE_NAME"))
     if args.json:
-        print(json.dumps(inventory_json(inventory, pci_ids, config.naming, held), indent=2))
+        print(json.dumps({**inventory_json(inventory, pci_ids, config.naming, held), "dra": dra}, indent=2))
     else:
-        sys.stdout.write(inventory_text(inventory, pci_ids, config.naming, held))
+        sys.stdout.write(inventory_text(inventory, pci_ids, config.naming, held) + "\n" + view_text(dra))
     return 0
 
 
@@ -171,7 +206,17 @@ def cmd_serve(args: argparse.Namespace) -> int:
         args.rescan_interval,
         pod_resources_socket=args.pod_resources_socket,
     )
-    daemon = Daemon(options, config, pci_ids)
+    if args.cleanup and args.mode != "dra":
+        raise UsageError("--cleanup is for --mode dra")
+    if args.mode == "dra":
+        from deviceplugin.dra.run import dra_frontend_factory, run_cleanup
+
+        dra = _dra_options(args)
+        if args.cleanup:
+            return run_cleanup(dra)
+        daemon = Daemon(options, config, pci_ids, make_frontend=dra_frontend_factory(dra))
+    else:
+        daemon = Daemon(options, config, pci_ids)
     stop = threading.Event()
 
     def on_signal(signum: int, _frame: object) -> None:
@@ -187,7 +232,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
         status = StatusServer(daemon, args.status_port)
         status.start()
-    log.info("vfio-device-plugin %s starting (sysfs %s, plugin dir %s)", __version__, args.sysfs_root, args.device_plugin_dir)
+    log.info("vfio-device-plugin %s starting in %s mode (sysfs %s)", __version__, args.mode, args.sysfs_root)
     try:
         daemon.run(stop)
     finally:
@@ -195,6 +240,16 @@ def cmd_serve(args: argparse.Namespace) -> int:
             status.stop()
     log.info("stopped")
     return 0
+
+
+def _dra_options(args: argparse.Namespace) -> dra_options.DraOptions:
+    try:
+        dra = dra_options.options_from_args(args)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from exc
+    if not dra.node:
+        raise UsageError("--mode dra needs the node's name: --node-name or $NODE_NAME")
+    return dra
 
 
 def cmd_doctor(args: argparse.Namespace) -> int:

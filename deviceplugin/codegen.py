@@ -13,6 +13,9 @@ PROTO_ROOT = Path(__file__).resolve().parent.parent / "proto"
 PROTO_FILES = (
     "deviceplugin/api/deviceplugin/v1beta1/api.proto",
     "deviceplugin/api/podresources/v1/api.proto",
+    "deviceplugin/api/dra/v1/api.proto",
+    "deviceplugin/api/dra/v1beta1/api.proto",
+    "deviceplugin/api/pluginregistration/v1/api.proto",
 )
 GENERATED = ("api_pb2.py", "api_pb2.pyi", "api_pb2_grpc.py")
 

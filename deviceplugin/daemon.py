@@ -13,6 +13,7 @@ import os
 import queue
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from deviceplugin.config import Config
@@ -46,8 +47,15 @@ DAEMON_EVENTS = frozenset({"dev", "stale", "holders"})
 
 class Daemon:
     def __init__(
-        self, options: Options, config: Config, pci_ids: PciIds, recorder: Recorder | None = None, frontend: Frontend | None = None
+        self,
+        options: Options,
+        config: Config,
+        pci_ids: PciIds,
+        recorder: Recorder | None = None,
+        frontend: Frontend | None = None,
+        make_frontend: Callable[[Daemon], Frontend] | None = None,
     ) -> None:
+        """make_frontend builds a front end that needs the daemon's pool, inventory or notify (the DRA mode)."""
         self.options = options
         self.config = config
         self.pci_ids = pci_ids
@@ -58,12 +66,14 @@ class Daemon:
         self.holders = Poller(options.pod_resources_socket, self._on_holdings)
         self.pool.on_allocated = self.holders.request
         self._holdings: Holdings | None = None  # the latest PodResources answer, applied on the control thread
+        self.inventory: Inventory | None = None
+        self._events: queue.SimpleQueue[str] = queue.SimpleQueue()
+        if frontend is None and make_frontend is not None:
+            frontend = make_frontend(self)
         self.frontend: Frontend = frontend or DevicePluginFrontend(
             self.pool, options.plugin_dir, self.recorder, options.registration_backoff
         )
-        self.inventory: Inventory | None = None
         self.watcher = DirWatcher({"dev": os.path.join(options.dev_root, "vfio"), **self.frontend.watch_dirs()}, self.notify)
-        self._events: queue.SimpleQueue[str] = queue.SimpleQueue()
         self._last_snapshot: NodeSnapshot | None = None
 
     # --- triggers -------------------------------------------------------------------------------

@@ -16,6 +16,7 @@ from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 
 from deviceplugin.discovery import Device, GroupReport, Inventory, class_name, describe
+from deviceplugin.dra.options import DEFAULT_DRIVER, DEFAULT_REGISTRY_DIR, registration_socket_name
 from deviceplugin.naming import MAX_SOCKET_PATH, SOCKET_PREFIX, resource_name_error, socket_name
 from deviceplugin.pool import Holdings
 from deviceplugin.registration import KUBELET_SOCKET
@@ -41,6 +42,9 @@ class Node:
     plugin_dir: str
     plugin_sockets: list[str] | None  # None: the directory cannot be read
     vfio_driver_dir: bool  # bus/pci/drivers/vfio-pci exists (vfio-pci may be built in)
+    registry_dir: str = DEFAULT_REGISTRY_DIR
+    registry_sockets: list[str] | None = None  # the kubelet's plugins_registry; None: cannot be read
+    driver: str = DEFAULT_DRIVER
 
 
 def read_node(args: argparse.Namespace) -> Node:
@@ -52,7 +56,13 @@ def read_node(args: argparse.Namespace) -> Node:
     except OSError:
         sockets = None
     driver_dir = os.path.isdir(os.path.join(args.sysfs_root, "bus", "pci", "drivers", "vfio-pci"))
-    return Node(cmdline, vendor, args.device_plugin_dir, sockets, driver_dir)
+    registry_dir = getattr(args, "kubelet_registry_dir", DEFAULT_REGISTRY_DIR)
+    try:
+        registry: list[str] | None = sorted(os.listdir(registry_dir))
+    except OSError:
+        registry = None
+    driver = getattr(args, "driver_name", DEFAULT_DRIVER)
+    return Node(cmdline, vendor, args.device_plugin_dir, sockets, driver_dir, registry_dir, registry, driver)
 
 
 def _read(path: str) -> str | None:
@@ -308,6 +318,29 @@ def _held_check(
     return None
 
 
+def mode_checks(node: Node) -> Iterator[Check]:
+    """One mode per node: the device-plugin API and DRA would both offer the same groups to different pods."""
+    ours = [s for s in node.plugin_sockets or [] if s.startswith(SOCKET_PREFIX) and s.endswith(".sock")]
+    dra_socket = registration_socket_name(node.driver)
+    dra = node.registry_sockets is not None and dra_socket in node.registry_sockets
+    if ours and dra:
+        yield Check(
+            "mode",
+            FAIL,
+            f"both modes are active on this node: device-plugin sockets {', '.join(ours)} in {node.plugin_dir} and the DRA "
+            f"registration socket {dra_socket} in {node.registry_dir}; the same IOMMU groups are offered twice and a VM can "
+            "get a group another pod already holds",
+            "run one mode per node: keep the device-plugin DaemonSet and the DRA DaemonSet (serve --mode dra) on disjoint "
+            "nodes (nodeSelector/affinity), then restart the one that stays",
+        )
+    elif dra:
+        yield Check("mode", OK, f"DRA mode ({dra_socket} in {node.registry_dir})")
+    elif ours:
+        yield Check("mode", OK, f"device-plugin mode ({len(ours)} socket(s) in {node.plugin_dir})")
+    else:
+        yield Check("mode", OK, "neither mode is serving on this node yet")
+
+
 def summary_checks(inv: Inventory) -> Iterator[Check]:
     if inv.problems:
         listed = "; ".join(f"{p.address}: {p.reason}" for p in inv.problems)
@@ -328,6 +361,7 @@ def run_checks(inv: Inventory, node: Node, holdings: Holdings | None = None) -> 
     checks.extend(conflict_checks(inv, node))
     if holdings is not None:
         checks.extend(holder_checks(inv, holdings))
+    checks.extend(mode_checks(node))
     checks.extend(summary_checks(inv))
     return checks
 

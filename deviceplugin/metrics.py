@@ -37,6 +37,16 @@ class Recorder:
         self.companions = Gauge(
             f"{PREFIX}_companions", "Healthy companion tokens per companion resource and role", ["resource", "role"], registry=r
         )
+        # DRA mode (serve --mode dra)
+        self.dra_devices = Gauge(
+            f"{PREFIX}_dra_devices", "DRA devices (IOMMU groups) by state: published or withdrawn", ["state"], registry=r
+        )
+        self.dra_prepared_claims = Gauge(f"{PREFIX}_dra_prepared_claims", "Prepared ResourceClaims per DRA device", ["device"], registry=r)
+        self.dra_prepares = Counter(
+            f"{PREFIX}_dra_prepare_requests", "Claims in NodePrepareResources calls by result", ["result"], registry=r
+        )
+        self.dra_slice_writes = Counter(f"{PREFIX}_dra_slice_writes", "ResourceSlice writes by operation", ["op"], registry=r)
+        self.dra_slice_errors = Counter(f"{PREFIX}_dra_slice_errors", "Failed attempts to publish ResourceSlices", registry=r)
         self._lock = threading.Lock()
         self.last_allocate: dict[str, dict[str, object]] = {}
 
@@ -88,6 +98,26 @@ class Recorder:
         self.companions.clear()
         for (resource, role), n in counts.items():
             self.companions.labels(resource, role).set(n)
+
+    # --- DRA ----------------------------------------------------------------------------------------
+    def dra_published(self, published: int, withdrawn: int) -> None:
+        self.dra_devices.labels("published").set(published)
+        self.dra_devices.labels("withdrawn").set(withdrawn)
+
+    def dra_prepared(self, per_device: dict[str, list[str]]) -> None:
+        """per_device: DRA device name -> the claims prepared with it."""
+        self.dra_prepared_claims.clear()
+        for device, claims in per_device.items():
+            self.dra_prepared_claims.labels(device).set(len(claims))
+
+    def dra_prepare(self, ok: bool) -> None:
+        self.dra_prepares.labels("ok" if ok else "error").inc()
+
+    def dra_slice_write(self, op: str) -> None:
+        self.dra_slice_writes.labels(op).inc()
+
+    def dra_slice_error(self) -> None:
+        self.dra_slice_errors.inc()
 
     def exposition(self) -> bytes:
         return generate_latest(self.registry)

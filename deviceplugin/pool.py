@@ -186,22 +186,33 @@ class DevicePool:
 
     # --- allocation -----------------------------------------------------------------------------
     def allocate(self, resource: str, ids: Iterable[str]) -> Allocation:
-        request = list(ids)
-        state = self._state
-        published = state.devices.get(resource, {})
-        devices = [self._usable(resource, published, device_id) for device_id in _checked(resource, request)]
+        """The device-plugin Allocate: device nodes and env, and a hold on every multi-GPU group it touches."""
+        devices = self._resolve(resource, ids)
         if all(d.role for d in devices):
             # A companion token: the function itself reaches the VM through its GPU's Allocate (same group,
             # same order); a second writer of the PCI_RESOURCE variable would break that pairing.
             return Allocation((), {})
         self._check_groups_free(devices)
-        specs: dict[tuple[str, str, str], None] = {(f"{HOST_DEV}/vfio/vfio", f"{HOST_DEV}/vfio/vfio", "mrw"): None}
-        for device in devices:
-            specs.update(dict.fromkeys(state.specs[device.id]))
-        allocation = Allocation(tuple(specs), _envs(resource, devices))
+        allocation = Allocation(self._specs(devices), _envs(resource, devices))
         self._hold(devices)
         self.on_allocated()
         return allocation
+
+    def device_nodes(self, resource: str, ids: Iterable[str]) -> tuple[tuple[str, str, str], ...]:
+        """The host device nodes of these devices after the same checks as Allocate (for DRA's prepare,
+        which keeps whole groups itself and needs neither env nor holds)."""
+        return self._specs([d for d in self._resolve(resource, ids) if not d.role])
+
+    def _resolve(self, resource: str, ids: Iterable[str]) -> list[Device]:
+        published = self._state.devices.get(resource, {})
+        return [self._usable(resource, published, device_id) for device_id in _checked(resource, list(ids))]
+
+    def _specs(self, devices: list[Device]) -> tuple[tuple[str, str, str], ...]:
+        specs: dict[tuple[str, str, str], None] = {(f"{HOST_DEV}/vfio/vfio", f"{HOST_DEV}/vfio/vfio", "mrw"): None}
+        state = self._state
+        for device in devices:
+            specs.update(dict.fromkeys(state.specs[device.id]))
+        return tuple(specs)
 
     def _usable(self, resource: str, published: dict[str, Device], device_id: str) -> Device:
         device = published.get(device_id)

@@ -94,3 +94,27 @@ def harness(node: FakeNode, pci_ids: PciIds) -> Iterator[Harness]:
         yield h
     finally:
         h.close()
+
+
+@pytest.fixture(scope="session")
+def kube_apiserver() -> Iterator[str]:
+    """A real kube-apiserver v1.36 + etcd (../shared/tools/kube-apiserver) for the run; yields its kubeconfig."""
+    from dra import APISERVER_TOOL, start_apiserver, stop_apiserver
+
+    if not (APISERVER_TOOL / "up").exists():
+        pytest.skip(f"the kube-apiserver tool is missing: expected {APISERVER_TOOL}/up (see shared/tools/kube-apiserver/README.md)")
+    state = tempfile.mkdtemp(prefix="kapi", dir="/tmp")
+    try:
+        yield start_apiserver(state)
+    finally:
+        stop_apiserver(state)
+        shutil.rmtree(state, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def cluster(kube_apiserver: str):
+    from dra import Cluster
+
+    c = Cluster(kube_apiserver)
+    c.ensure_device_class()
+    return c

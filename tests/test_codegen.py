@@ -116,9 +116,10 @@ def test_package_and_method_paths_are_the_kubelets():
     assert plugin.methods_by_name["ListAndWatch"].server_streaming
 
 
-def check_fields(module, table) -> None:
+def assert_fields_match(module, upstream):
+    """Every upstream field with its number, type and cardinality, and no field upstream lacks."""
     seen = set()
-    for message, field, number, type_name, repeated in table:
+    for message, field, number, type_name, repeated in upstream:
         f = module.DESCRIPTOR.message_types_by_name[message].fields_by_name[field]
         actual_type = f.message_type.name if f.message_type else SCALARS[f.type]
         assert (f.number, actual_type, f.is_repeated) == (number, type_name, repeated), f"{message}.{field}"
@@ -129,14 +130,71 @@ def check_fields(module, table) -> None:
 
 
 def test_every_field_matches_upstream_numbers_and_types():
-    check_fields(api_pb2, UPSTREAM)
+    assert_fields_match(api_pb2, UPSTREAM)
 
 
 def test_podresources_fields_and_method_paths_are_the_kubelets():
-    check_fields(podresources_pb2, PODRESOURCES)
+    assert_fields_match(podresources_pb2, PODRESOURCES)
     service = podresources_pb2.DESCRIPTOR.services_by_name["PodResourcesLister"]
     assert [m.full_name for m in service.methods] == [
         "v1.PodResourcesLister.List",
         "v1.PodResourcesLister.GetAllocatableResources",
         "v1.PodResourcesLister.Get",
     ]
+
+
+# --- DRA (k8s.io/kubelet/pkg/apis/dra/{v1,v1beta1}/api.proto) and plugin registration -------------
+DRA_UPSTREAM = [
+    ("NodePrepareResourcesRequest", "claims", 1, "Claim", True),
+    ("NodePrepareResourcesResponse", "claims", 1, "ClaimsEntry", True),
+    ("NodePrepareResourceResponse", "devices", 1, "Device", True),
+    ("NodePrepareResourceResponse", "error", 2, "string", False),
+    ("Device", "request_names", 1, "string", True),
+    ("Device", "pool_name", 2, "string", False),
+    ("Device", "device_name", 3, "string", False),
+    ("Device", "cdi_device_ids", 4, "string", True),
+    ("NodeUnprepareResourcesRequest", "claims", 1, "Claim", True),
+    ("NodeUnprepareResourcesResponse", "claims", 1, "ClaimsEntry", True),
+    ("NodeUnprepareResourceResponse", "error", 1, "string", False),
+    ("Claim", "namespace", 1, "string", False),
+    ("Claim", "uid", 2, "string", False),
+    ("Claim", "name", 3, "string", False),
+]
+# from k8s.io/kubelet/pkg/apis/pluginregistration/v1/api.proto
+REGISTRATION_UPSTREAM = [
+    ("PluginInfo", "type", 1, "string", False),
+    ("PluginInfo", "name", 2, "string", False),
+    ("PluginInfo", "endpoint", 3, "string", False),
+    ("PluginInfo", "supported_versions", 4, "string", True),
+    ("RegistrationStatus", "plugin_registered", 1, "bool", False),
+    ("RegistrationStatus", "error", 2, "string", False),
+]
+
+
+def test_dra_packages_and_method_paths_are_the_kubelets():
+    from deviceplugin.api.dra.v1 import api_pb2 as v1
+    from deviceplugin.api.dra.v1beta1 import api_pb2 as v1beta1
+
+    for module, version in ((v1, "v1"), (v1beta1, "v1beta1")):
+        assert module.DESCRIPTOR.package == f"k8s.io.kubelet.pkg.apis.dra.{version}"
+        service = module.DESCRIPTOR.services_by_name["DRAPlugin"]
+        # the kubelet dials /k8s.io.kubelet.pkg.apis.dra.v1.DRAPlugin/NodePrepareResources
+        assert [f"/{service.full_name}/{m.name}" for m in service.methods] == [
+            f"/k8s.io.kubelet.pkg.apis.dra.{version}.DRAPlugin/NodePrepareResources",
+            f"/k8s.io.kubelet.pkg.apis.dra.{version}.DRAPlugin/NodeUnprepareResources",
+        ]
+        assert_fields_match(module, DRA_UPSTREAM)
+        claims = module.DESCRIPTOR.message_types_by_name["NodePrepareResourcesResponse"].fields_by_name["claims"]
+        assert claims.message_type.GetOptions().map_entry  # map<string, NodePrepareResourceResponse>
+
+
+def test_pluginregistration_package_and_method_paths_are_the_kubelets():
+    from deviceplugin.api.pluginregistration.v1 import api_pb2 as reg
+
+    assert reg.DESCRIPTOR.package == "pluginregistration"  # upstream: "This should have been v1."
+    service = reg.DESCRIPTOR.services_by_name["Registration"]
+    assert [f"/{service.full_name}/{m.name}" for m in service.methods] == [
+        "/pluginregistration.Registration/GetInfo",
+        "/pluginregistration.Registration/NotifyRegistrationStatus",
+    ]
+    assert_fields_match(reg, REGISTRATION_UPSTREAM)

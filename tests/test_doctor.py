@@ -18,7 +18,13 @@ from deviceplugin.sim.node import FakeNode, Fn, gpu
 
 def checks_of(node: FakeNode, pci_ids, config=None, cpu: str = "GenuineIntel") -> dict[str, tuple[str, str, str]]:
     (node.proc / "cpuinfo").write_text(f"vendor_id\t: {cpu}\n")
-    args = argparse.Namespace(proc_root=str(node.proc), device_plugin_dir=str(node.plugins), sysfs_root=str(node.sys))
+    args = argparse.Namespace(
+        proc_root=str(node.proc),
+        device_plugin_dir=str(node.plugins),
+        sysfs_root=str(node.sys),
+        kubelet_registry_dir=str(node.root / "registry"),
+        driver_name="vfio-device-plugin.github.io",
+    )
     checks = run_checks(inventory_of(node, pci_ids, config), read_node(args))
     return {c.id: (c.verdict, c.found, c.fix) for c in checks}
 
@@ -157,3 +163,21 @@ def test_exit_codes_and_json(node):
     assert next(c for c in doc["checks"] if c["id"] == "group.14")["verdict"] == "fail"
     text = run_doctor(node)
     assert text.returncode == 1 and "fix: 0000:02:00.1 (10de:10ef Audio) is bound to host driver snd_hda_intel" in text.stdout
+
+
+def test_both_modes_active_on_one_node_fails(node, pci_ids):
+    node.add_all(gpu("0000:01:00.0", "2484", "228b", "13"))
+    registry = node.root / "registry"
+    registry.mkdir()
+    assert checks_of(node, pci_ids)["mode"][:2] == (OK, "neither mode is serving on this node yet")
+    (node.plugins / "vfio-dp-nvidia.com-GA104.sock").touch()
+    assert checks_of(node, pci_ids)["mode"][0] == OK
+    (registry / "vfio-device-plugin.github.io-reg.sock").touch()
+    verdict, found, fix = checks_of(node, pci_ids)["mode"]
+    assert verdict == FAIL and "both modes are active" in found and "vfio-device-plugin.github.io-reg.sock" in found
+    assert "one mode per node" in fix
+    (node.plugins / "vfio-dp-nvidia.com-GA104.sock").unlink()
+    assert checks_of(node, pci_ids)["mode"][:2] == (OK, f"DRA mode (vfio-device-plugin.github.io-reg.sock in {registry})")
+    (node.plugins / "vfio-dp-nvidia.com-GA104.sock").touch()
+    cli = run_doctor(node, "--json", f"--kubelet-registry-dir={registry}")
+    assert next(c for c in json.loads(cli.stdout)["checks"] if c["id"] == "mode")["verdict"] == "fail"

@@ -25,17 +25,47 @@ ALLOWED: dict[str, set[str]] = {
     "podresources": {"api", "pool"},
     "daemon": {"config", "discovery", "frontend", "metrics", "naming", "podresources", "pool", "registration", "sysfs", "watch"},
     "report": {"discovery", "naming", "pool"},
-    "doctor": {"discovery", "naming", "pool", "registration", "sysfs"},
+    "doctor": {"discovery", "dra.options", "naming", "pool", "registration", "sysfs"},
     "kubevirt": {"discovery"},
     "status": {"daemon", "report"},
     "sim.node": {"sysfs"},
     "sim.kubelet": {"naming", "api", "sim.podresources"},
     "sim.podresources": {"api"},
+    "sim.drakubelet": {"api", "dra.kube", "sim.kubelet"},
+    # the DRA mode (deviceplugin/dra/): pure parts below, the API client and the servers above them
+    "dra.options": set(),
+    "dra.files": set(),
+    "dra.devices": {"discovery"},
+    "dra.checkpoint": {"dra.files"},
+    "dra.cdi": {"dra.files"},
+    "dra.metadata": {"dra.files"},
+    "dra.view": {"discovery", "dra.checkpoint", "dra.devices"},
+    "dra.kube": set(),
+    "dra.slices": {"dra.devices", "dra.kube", "metrics"},
+    "dra.sockets": {"dra.files"},
+    "dra.registration": {"api"},
+    "dra.driver": {"api", "dra.cdi", "dra.checkpoint", "dra.devices", "dra.metadata", "dra.options", "metrics", "pool"},
+    "dra.frontend": {
+        "api",
+        "discovery",
+        "dra.checkpoint",
+        "dra.devices",
+        "dra.driver",
+        "dra.kube",
+        "dra.options",
+        "dra.registration",
+        "dra.slices",
+        "dra.sockets",
+        "dra.view",
+        "metrics",
+        "pool",
+    },
+    "dra.run": {"dra.frontend", "dra.kube", "dra.options"},
 }
 
 
 # Subpackages whose modules are named one level deeper ("sim.node"); the rest are single units (generated code).
-SUBPACKAGES = ("sim",)
+SUBPACKAGES = ("sim", "dra")
 ENTRY_POINTS = {"__init__", "__main__", "cli", "demo", "codegen"}
 
 
@@ -53,6 +83,9 @@ def package_imports(path: Path) -> set[str]:
             found.update(_unit(a.name) for a in node.names if a.name.startswith("deviceplugin."))
         elif isinstance(node, ast.ImportFrom) and node.module == "deviceplugin":
             found.update(alias.name for alias in node.names if alias.name != "__version__")
+        if isinstance(node, ast.ImportFrom) and node.module in {f"deviceplugin.{sub}" for sub in SUBPACKAGES}:
+            found.discard(node.module.split(".")[1])  # `from deviceplugin.dra import cdi` names the module cdi
+            found.update(f"{node.module.split('.')[1]}.{alias.name}" for alias in node.names)
     return found
 
 
@@ -77,3 +110,13 @@ def test_the_contract_covers_every_module():
     modules = {p.stem for p in PACKAGE.glob("*.py")} - ENTRY_POINTS
     modules |= {f"{sub}.{p.stem}" for sub in SUBPACKAGES for p in (PACKAGE / sub).glob("*.py") if p.stem != "__init__"}
     assert modules == set(ALLOWED), "add new modules to ALLOWED with the layers they may use"
+
+
+def test_only_dra_kube_imports_the_api_client():
+    """inspect and the device-plugin mode must not pay for lightkube's import (startup time)."""
+    for module in ALLOWED:
+        tree = ast.parse(module_path(module).read_text())
+        names = {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+        names |= {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module}
+        if any(name.split(".")[0] in ("lightkube", "kubernetes", "httpx2") for name in names):
+            assert module == "dra.kube", f"deviceplugin/{module}.py imports the API client; only dra/kube.py may"

@@ -84,7 +84,7 @@ def test_daemonset_is_least_privileged_and_node_critical():
 
 
 def env_of(container: dict) -> dict[str, str]:
-    return {e["name"]: e["value"] for e in container.get("env", [])}
+    return {e["name"]: e["value"] for e in container.get("env", []) if "value" in e}
 
 
 def test_mounts_directories_never_sockets_and_the_hosts_dev_read_only():
@@ -207,3 +207,102 @@ def test_dockerignore_keeps_the_build_context_small():
     assert "*" in ignore  # everything is excluded unless re-included below
     for needed in ("!pyproject.toml", "!README.md", "!proto/", "!deviceplugin/"):
         assert needed in ignore
+
+
+# --- DRA mode (manifests/examples/dra) --------------------------------------------------------------
+DRA = MANIFESTS / "examples" / "dra"
+
+
+def dra_docs() -> dict[str, dict]:
+    return {d["kind"]: d for d in render("examples/dra")}
+
+
+def dra_examples() -> dict[str, list[dict]]:
+    return {f: [d for d in yaml.safe_load_all((DRA / f).read_text()) if d] for f in ("deviceclasses.yaml", "resourceclaimtemplate.yaml")}
+
+
+def test_dra_kustomization_renders_and_validates_strictly():
+    docs = render("examples/dra")
+    assert sorted(d["kind"] for d in docs) == sorted(
+        [
+            "ClusterRole",
+            "ClusterRoleBinding",
+            "ConfigMap",
+            "DaemonSet",
+            "ServiceAccount",
+            "ValidatingAdmissionPolicy",
+            "ValidatingAdmissionPolicyBinding",
+        ]
+    )
+    for doc in docs + [d for ds in dra_examples().values() for d in ds]:
+        kubernetes_validate.validate(doc, K8S_VERSION, strict=True)
+
+
+def test_dra_daemonset_runs_serve_in_dra_mode_with_the_kubelets_dra_directories():
+    from deviceplugin.cli import build_parser
+
+    docs = dra_docs()
+    ds = docs["DaemonSet"]
+    assert ds["metadata"]["name"] == "vfio-device-plugin-dra" and ds["metadata"]["namespace"] == "kube-system"
+    assert ds["spec"]["selector"]["matchLabels"]["app.kubernetes.io/component"] == "dra"  # apart from the base DaemonSet's pods
+    pod = ds["spec"]["template"]["spec"]
+    (container,) = pod["containers"]
+    assert "args" not in container
+    with mock.patch.dict(os.environ, env_of(container)):
+        args = build_parser().parse_args(["serve"])
+    assert (args.mode, args.driver_name, args.cdi_dir) == ("dra", "vfio-device-plugin.github.io", "/var/run/cdi")
+    assert (args.kubelet_plugins_dir, args.kubelet_registry_dir) == ("/var/lib/kubelet/plugins", "/var/lib/kubelet/plugins_registry")
+    assert (args.config, args.status_port) == ("/etc/vfio-device-plugin/config.yaml", 8080)
+    assert {"name": "NODE_NAME", "valueFrom": {"fieldRef": {"fieldPath": "spec.nodeName"}}} in container["env"]
+    assert pod["serviceAccountName"] == docs["ServiceAccount"]["metadata"]["name"] and pod["automountServiceAccountToken"] is True
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    mounts = {m["name"]: m["mountPath"] for m in container["volumeMounts"]}
+    for path in ("/var/lib/kubelet/plugins", "/var/lib/kubelet/plugins_registry", "/var/run/cdi"):
+        (name,) = [n for n, v in volumes.items() if v.get("hostPath", {}).get("path") == path]
+        assert mounts[name] == path  # the same path inside: the kubelet and the runtime read the paths we report
+    assert "/var/lib/kubelet/device-plugins" not in mounts.values() and mounts["host-dev"] == "/host/dev"
+    sc = container["securityContext"]
+    assert sc["privileged"] is False and sc["capabilities"] == {"drop": ["ALL"]} and sc["readOnlyRootFilesystem"] is True
+
+
+def test_dra_rbac_is_least_privilege():
+    docs = dra_docs()
+    assert docs["ClusterRole"]["rules"] == [
+        {"apiGroups": ["resource.k8s.io"], "resources": ["resourceslices"], "verbs": ["list", "watch", "create", "update", "delete"]},
+        {"apiGroups": ["resource.k8s.io"], "resources": ["resourceclaims"], "verbs": ["get"]},
+    ]
+    binding = docs["ClusterRoleBinding"]
+    sa = docs["ServiceAccount"]["metadata"]
+    assert binding["roleRef"]["name"] == docs["ClusterRole"]["metadata"]["name"]
+    assert binding["subjects"] == [{"kind": "ServiceAccount", "name": sa["name"], "namespace": sa["namespace"]}]
+    policy = docs["ValidatingAdmissionPolicy"]
+    assert f"system:serviceaccount:{sa['namespace']}:{sa['name']}" in policy["spec"]["matchConditions"][0]["expression"]
+    assert docs["ValidatingAdmissionPolicyBinding"]["spec"]["policyName"] == policy["metadata"]["name"]
+
+
+def test_dra_examples_select_what_the_plugin_publishes_and_the_vm_uses_the_template():
+    classes = {d["metadata"]["name"]: d for d in dra_examples()["deviceclasses.yaml"]}
+    assert set(classes) == {"vfio-gpu", "vfio-gpu-ga104"}
+    with tempfile.TemporaryDirectory() as root:
+        node = demo_node(root)
+        inventory = discover(SysfsScanner(str(node.sys), str(node.dev)).scan(), Config(), load_pci_ids(str(node.root / "pci.ids")))
+    expression = classes["vfio-gpu-ga104"]["spec"]["selectors"][0]["cel"]["expression"]
+    gpus = {r for r, devices in inventory.devices.items() if any(d.healthy and not d.role for d in devices)}
+    assert gpus == {"nvidia.com/GA104"} and '== "nvidia.com/GA104"' in expression
+    (template,) = dra_examples()["resourceclaimtemplate.yaml"]
+    (request,) = template["spec"]["spec"]["devices"]["requests"]
+    assert request["exactly"]["deviceClassName"] == "vfio-gpu-ga104"
+    vm = yaml.safe_load((DRA / "virtualmachine.yaml").read_text())["spec"]["template"]["spec"]
+    assert vm["resourceClaims"] == [{"name": "gpu", "resourceClaimTemplateName": template["metadata"]["name"]}]
+    (gpu_entry,) = vm["domain"]["devices"]["gpus"]
+    assert (gpu_entry["claimName"], gpu_entry["requestName"]) == ("gpu", request["name"]) and "deviceName" not in gpu_entry
+
+
+def test_dra_manifests_are_accepted_by_a_real_api_server(cluster):
+    """Server-side dry-run creates: the API server's own validation (CEL compiled, schema, RBAC objects)."""
+    from lightkube.codecs import from_dict
+
+    docs = render("examples/dra") + [d for ds in dra_examples().values() for d in ds]
+    for doc in docs:
+        namespace = "default" if doc["kind"] == "ResourceClaimTemplate" else doc["metadata"].get("namespace")
+        cluster.client.create(from_dict(doc), namespace=namespace, dry_run=True)

@@ -158,14 +158,7 @@ class FakeKubelet(api_grpc.RegistrationServicer):
             return dict(ep.devices) if ep else {}
 
     def wait_for(self, predicate: Callable[[FakeKubelet], bool], timeout: float = 10.0) -> bool:
-        deadline = time.monotonic() + timeout
-        with self._cond:  # an RLock: the predicate may call the accessors above
-            while not predicate(self):
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    return False
-                self._cond.wait(min(remaining, 0.05))
-            return True
+        return wait_on(self._cond, lambda: predicate(self), timeout)
 
     # --- calls the kubelet makes on admission ---------------------------------------------------
     def stub(self, resource: str) -> api_grpc.DevicePluginStub:
@@ -223,6 +216,18 @@ class FakeKubelet(api_grpc.RegistrationServicer):
     def _allocatable_ids(self) -> dict[str, list[str]]:
         with self._cond:
             return {r: sorted(d for d, h in ep.devices.items() if h == "Healthy") for r, ep in self.endpoints.items()}
+
+
+def wait_on(cond: threading.Condition, ready: Callable[[], bool], timeout: float) -> bool:
+    """Waits until ready() holding cond (an RLock: ready may call the accessors that take it)."""
+    deadline = time.monotonic() + timeout
+    with cond:
+        while not ready():
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return False
+            cond.wait(min(remaining, 0.05))
+        return True
 
 
 def _close(ep: Endpoint) -> None:

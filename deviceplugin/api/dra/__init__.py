@@ -1,0 +1,1 @@
+"""The kubelet DRA plugin API (generated)."""

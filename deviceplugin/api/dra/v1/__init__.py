@@ -1,0 +1,4 @@
+"""Generated kubelet DRA plugin API v1 (from proto/deviceplugin/api/dra/v1/api.proto).
+
+Regenerate with `python -m deviceplugin.codegen`; tests/test_codegen.py fails when these files are stale.
+"""

@@ -1,0 +1,42 @@
+"""Atomic file writes for the files the container runtime and the next plugin instance read.
+
+CDI specs, metadata files and the checkpoint are written to a temporary file in the same directory and
+renamed into place, so a reader (containerd's CDI cache, a restarted plugin) never sees half a file.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from typing import Any
+
+
+def write_atomic(path: str, data: bytes, mode: int = 0o644) -> None:
+    directory = os.path.dirname(path)
+    os.makedirs(directory, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=directory)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, mode)
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+
+
+def write_json(path: str, doc: Any, mode: int = 0o644) -> None:
+    write_atomic(path, (json.dumps(doc, indent=2, sort_keys=True) + "\n").encode(), mode)
+
+
+def remove(path: str) -> None:
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
