@@ -94,9 +94,29 @@ def describe(fn: PciFunction) -> str:
     return f"{fn.address} ({fn.ids} {class_name(fn.class_code)})"
 
 
-def bind_commands(address: str) -> str:
-    dev = f"/sys/bus/pci/devices/{address}"
-    return f"echo vfio-pci > {dev}/driver_override; echo {address} > {dev}/driver/unbind; echo {address} > /sys/bus/pci/drivers_probe"
+IOMMU_OFF = (
+    "IOMMU is off: /sys/kernel/iommu_groups is empty, so no device can be passed through. Enable "
+    "VT-d (Intel) or AMD-Vi/IOMMU (AMD) in the firmware and add intel_iommu=on (Intel) to the kernel command line"
+)
+
+
+def bind_hint(address: str) -> str:
+    return f"run `vfio-device-plugin bind {address}`: it binds the whole IOMMU group"
+
+
+def stays_on_host(fn: PciFunction) -> bool:
+    """Bridges and Root Complex Event Collectors (0807): pcieport may keep them inside a VM's group,
+    and they are never passed through."""
+    return fn.is_pci_bridge or fn.class_code.startswith("0807")
+
+
+def foreign_functions(functions: tuple[PciFunction, ...], primary: PciFunction) -> list[PciFunction]:
+    """The group's functions that are not part of the primary's card: another slot (bus:device), not a bridge.
+
+    Poor ACS isolation puts chipset devices (SATA, NIC, USB) into a GPU's group; they can only go to
+    the same VM, so binding the group would take them from the host.
+    """
+    return [fn for fn in functions if fn.address[:-1] != primary.address[:-1] and not stays_on_host(fn)]
 
 
 def blocks_group(fn: PciFunction) -> bool:
@@ -109,14 +129,13 @@ def blocks_group(fn: PciFunction) -> bool:
     """
     if fn.driver is None or fn.driver == "pci-stub" or is_vfio_driver(fn.driver):
         return False
-    # pcieport binds bridges and Root Complex Event Collectors (class 0807)
-    return not (fn.driver == "pcieport" and (fn.is_pci_bridge or fn.class_code.startswith("0807")))
+    return not (fn.driver == "pcieport" and stays_on_host(fn))
 
 
 def blocker_reason(fn: PciFunction) -> str:
     return (
         f"{describe(fn)} is bound to host driver {fn.driver}: the group is not viable until it is bound "
-        f"to vfio-pci ({bind_commands(fn.address)})"
+        f"to vfio-pci ({bind_hint(fn.address)})"
     )
 
 
@@ -131,7 +150,7 @@ def pick_primary(functions: tuple[PciFunction, ...]) -> PciFunction | None:
     return None
 
 
-def _match_rule(rules: tuple[Rule, ...], functions: tuple[PciFunction, ...], primary: PciFunction | None) -> Rule | None:
+def match_rule(rules: tuple[Rule, ...], functions: tuple[PciFunction, ...], primary: PciFunction | None) -> Rule | None:
     for rule in rules:
         if rule.exclude and any(rule.matches(fn) for fn in functions):
             return rule
@@ -153,7 +172,7 @@ def _health_reasons(
     reasons += [f"{p.address} in this group could not be read ({p.reason}), so the group cannot be checked" for p in unreadable]
     if not is_vfio_driver(primary.driver) and not blocks_group(primary):
         bound = f"bound to {primary.driver}" if primary.driver else "bound to no driver"
-        reasons.append(f"{describe(primary)} is {bound}, so a VM cannot open it: bind it to vfio-pci ({bind_commands(primary.address)})")
+        reasons.append(f"{describe(primary)} is {bound}, so a VM cannot open it: bind it to vfio-pci ({bind_hint(primary.address)})")
     if not reasons and f"noiommu-{group}" in snapshot.devnodes:
         reasons.append(
             f"group {group} is in VFIO no-IOMMU mode (/dev/vfio/noiommu-{group}): DMA is not isolated and KubeVirt cannot "
@@ -206,7 +225,7 @@ def _report_group(
     unreadable = node.unreadable.get(group, [])
     viable = not any(blocks_group(fn) for fn in functions) and not unreadable
     primary = pick_primary(functions)
-    rule = _match_rule(config.rules, functions, primary)
+    rule = match_rule(config.rules, functions, primary)
     selected_by: str | None = None
     if rule is not None and rule.exclude:
         reasons = [f"excluded by {rule.describe()}"]
@@ -255,10 +274,7 @@ def _report_group(
 def _host_notes(snapshot: NodeSnapshot, ungrouped: list[PciFunction]) -> list[str]:
     notes = []
     if not snapshot.host.iommu_enabled:
-        notes.append(
-            "IOMMU is off: /sys/kernel/iommu_groups is empty, so no device can be passed through. Enable "
-            "VT-d (Intel) or AMD-Vi/IOMMU (AMD) in the firmware and add intel_iommu=on (Intel) to the kernel command line"
-        )
+        notes.append(IOMMU_OFF)
     elif ungrouped:
         notes.append(f"{len(ungrouped)} function(s) have no iommu_group link and cannot be passed through")
     if not snapshot.functions and not snapshot.problems:
