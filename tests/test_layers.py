@@ -29,6 +29,7 @@ ALLOWED: dict[str, set[str]] = {
     "status": {"daemon", "report"},
     "sim.node": {"sysfs"},
     "sim.kubelet": {"naming", "api"},
+    "sim.kernel": {"sim.node", "sysfs"},
 }
 
 
