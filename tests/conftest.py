@@ -3,10 +3,12 @@ the pci.ids fixture, and a harness that runs the real daemon against the test ku
 
 from __future__ import annotations
 
+import os
 import shutil
 import tempfile
 import threading
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -76,3 +78,27 @@ def harness(node: FakeNode, pci_ids: PciIds) -> Iterator[Harness]:
         yield h
     finally:
         h.close()
+
+
+def tree_of(root: str | Path) -> dict[str, str]:
+    """Every path under root with its content or link target: compare two to prove nothing changed."""
+    out = {}
+    for dirpath, dirnames, filenames in os.walk(root):
+        for name in dirnames + filenames:
+            path = os.path.join(dirpath, name)
+            rel = os.path.relpath(path, root)
+            if os.path.islink(path):
+                out[rel] = "-> " + os.readlink(path)
+            elif os.path.isdir(path):
+                out[rel] = "dir"
+            else:
+                out[rel] = Path(path).read_text(errors="replace")
+    return out
+
+
+def wait_until(predicate: Callable[[], object], timeout: float = 5.0, what: str = "condition") -> None:
+    """Waits for a condition with a deadline: never a bare sleep."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.005)

@@ -27,6 +27,8 @@ ALLOWED: dict[str, set[str]] = {
     "doctor": {"discovery", "naming", "registration", "sysfs"},
     "kubevirt": {"discovery"},
     "status": {"daemon", "report"},
+    "holders": {"sysfs"},
+    "bind": {"config", "discovery", "holders", "naming", "sysfs"},
     "sim.node": {"sysfs"},
     "sim.kubelet": {"naming", "api"},
     "sim.kernel": {"sim.node", "sysfs"},

@@ -6,9 +6,9 @@ from __future__ import annotations
 import errno
 import os
 import threading
-import time
 
 import pytest
+from conftest import wait_until
 
 from deviceplugin.sim.kernel import FakeKernel
 from deviceplugin.sim.node import gpu
@@ -40,13 +40,6 @@ def errno_of(kernel: FakeKernel, path: str, text: str) -> int | None:
     except OSError as exc:
         return exc.errno
     return None
-
-
-def wait(predicate, timeout: float = 5.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, "condition not reached"
-        time.sleep(0.005)
 
 
 def test_override_unbind_probe_moves_one_function_and_makes_the_group_node(kernel):
@@ -93,7 +86,7 @@ def test_unbind_waits_for_the_holder_and_locks_the_device_meanwhile(kernel):
     unbind = threading.Thread(target=kernel.write, args=(drv(kernel, "nvidia", "unbind"), GPU), daemon=True)
     unbind.start()
     # Linux removes the driver link before the driver's remove waits for its users
-    wait(lambda: kernel.node.driver_of(GPU) is None)
+    wait_until(lambda: kernel.node.driver_of(GPU) is None)
     override = threading.Thread(target=kernel.write, args=(dev(kernel, GPU, "driver_override"), "vfio-pci"), daemon=True)
     override.start()
     unbind.join(0.1)
