@@ -476,9 +476,9 @@ def _failure_message(plan: GroupPlan, failed: Result, rollback: list[Result], st
 
 def _then(plan: GroupPlan, change: Change) -> str:
     """How to finish by hand what the kernel could not do in time."""
-    a = change.function.address
+    a, driver = change.function.address, change.function.driver
     if plan.action == BIND:
-        return f"give it back to {change.function.driver} then with `echo {a} > /sys/bus/pci/drivers_probe`"
+        return f"give it back to {driver} then with `echo {a} > /sys/bus/pci/drivers_probe`" if driver else "as it was before"
     if change.override:
         return f"its driver_override names {change.override} again, so a probe puts it back there"
     return f"bind it again then with `vfio-device-plugin bind {a}`"
@@ -512,6 +512,8 @@ def execute(plan: GroupPlan, kernel: KernelIO, roots: Roots, timeout: float) -> 
 
 
 def _unchanged_message(plan: GroupPlan) -> str:
+    if all(stays_on_host(fn) for fn in plan.functions):
+        return f"group {plan.group} holds only bridges, which stay on pcieport: nothing to do"
     if plan.action == BIND:
         return f"group {plan.group}: every function is already on a vfio driver ({plan.driver} wanted): nothing to do"
     return f"group {plan.group}: no function is on a vfio driver: nothing to release"

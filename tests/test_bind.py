@@ -145,8 +145,11 @@ def test_a_group_shared_with_another_slot_is_refused_unless_allowed(kernel):
 
 def test_a_bridge_in_the_group_is_not_shared_and_stays_on_pcieport(kernel):
     kernel.node.add(Fn("0000:00:01.0", "8086", "1901", "060400", "pcieport", "13"))
+    kernel.node.add(Fn("0000:00:1c.0", "8086", "7ab8", "060400", "pcieport", "3"))
     assert do(kernel, GPU).groups[0].outcome == BOUND
     assert drivers(kernel.node, "0000:00:01.0") == ["pcieport"]
+    (alone,) = do(kernel, "0000:00:1c.0").groups
+    assert alone.outcome == UNCHANGED and "holds only bridges, which stay on pcieport" in alone.message
 
 
 @pytest.mark.parametrize(
