@@ -40,7 +40,7 @@ from deviceplugin.discovery import (
     pick_primary,
     stays_on_host,
 )
-from deviceplugin.holders import find_holders, firmware_framebuffer
+from deviceplugin.hostuse import find_holders, firmware_framebuffer
 from deviceplugin.naming import PciIds
 from deviceplugin.sysfs import NodeSnapshot, PciFunction, SysfsScanner, current_driver, is_vfio_driver, parse_address, read_attr
 

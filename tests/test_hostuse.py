@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import replace
 
-from deviceplugin.holders import device_nodes, find_holders, firmware_framebuffer, iomem_framebuffers, read_bars
+from deviceplugin.hostuse import device_nodes, find_holders, firmware_framebuffer, iomem_framebuffers, read_bars
 from deviceplugin.sim.node import gpu
 from deviceplugin.sysfs import SysfsScanner
 
