@@ -1,4 +1,4 @@
-"""Command line: `vfio-device-plugin {serve,inspect,doctor,kubevirt-config,demo}`.
+"""Command line: `vfio-device-plugin {serve,inspect,doctor,kubevirt-config,bind,release,demo}`.
 
 Every subcommand takes the same node options after its name, so `inspect --sysfs-root /host/sys`
 shows exactly what `serve --sysfs-root /host/sys` would offer. Every option also reads an environment
@@ -130,8 +130,23 @@ def build_parser() -> argparse.ArgumentParser:
     doctor = sub.add_parser("doctor", parents=[common, dra_paths], help="preflight checks with fixes; exit 1 if any fails")
     doctor.add_argument("--json", action="store_true")
     sub.add_parser("kubevirt-config", parents=[common], help="print the KubeVirt permittedHostDevices patch for this node")
+    _binder_parsers(sub, common)
     sub.add_parser("demo", help="run the plugin on a built-in example node against a test kubelet")
     return parser
+
+
+def _binder_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser], common: argparse.ArgumentParser) -> None:
+    bind = sub.add_parser("bind", parents=[common], help="bind whole IOMMU groups to vfio-pci, all or nothing per group")
+    release = sub.add_parser("release", parents=[common], help="give whole IOMMU groups back to their host drivers")
+    for p, verb in ((bind, "bind"), (release, "release")):
+        p.add_argument(
+            "addresses", nargs="*", metavar="ADDRESS", help=f"any function of each group to {verb} (default: --config's bind: true rules)"
+        )
+        p.add_argument("--dry-run", action="store_true", help="print the checks and the exact writes, change nothing")
+        p.add_argument("--timeout", type=_positive_float, default=10.0, help="seconds each write may take (default 10)")
+        p.add_argument("--json", action="store_true", help="print one JSON document: plan, steps, outcome")
+    bind.add_argument("--allow-shared-group", action="store_true", help="bind a group that also holds devices of another slot")
+    bind.add_argument("--allow-boot-vga", action="store_true", help="bind the boot GPU although a firmware framebuffer uses it")
 
 
 def _positive_float(text: str) -> float:
@@ -267,6 +282,16 @@ def cmd_kubevirt_config(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_binder(args: argparse.Namespace) -> int:
+    from deviceplugin.bind import BindError, run_command
+
+    config, pci_ids = load_inputs(args)
+    try:
+        return run_command(args, config, pci_ids)
+    except BindError as exc:
+        raise UsageError(str(exc)) from exc
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from deviceplugin.demo import run_demo
 
@@ -278,6 +303,8 @@ COMMANDS = {
     "inspect": cmd_inspect,
     "doctor": cmd_doctor,
     "kubevirt-config": cmd_kubevirt_config,
+    "bind": cmd_binder,
+    "release": cmd_binder,
     "demo": cmd_demo,
 }
 

@@ -8,7 +8,12 @@ rules:                     # tried in order against a group's primary function; 
   - {vendor: "10de", device: "2484", resource: nvidia.com/RTX3070}   # rename
   - {class: "0108"}                                                   # also offer NVMe, auto-named
   - {address: "0000:05:00.0", exclude: true}                          # never offer this group
+  - {vendor: "10de", device: "2342", bind: true, vfio_driver: nvgrace_gpu_vfio_pci}  # `bind --config`
 ```
+
+`bind` and `vfio_driver` are read only by `vfio-device-plugin bind`: `bind: true` marks the groups that
+`bind --config FILE` binds (at node start, from the binder init container), and `vfio_driver` names a
+vfio variant driver to bind them to instead of vfio-pci.
 
 A broken config is refused as a whole with a message that names the key, its line and the problem,
 before anything is registered: half-applying a config would advertise names the operator did not ask for.
@@ -24,16 +29,16 @@ from typing import Any
 import yaml
 
 from deviceplugin.naming import NAMINGS, resource_name_error
-from deviceplugin.sysfs import PciFunction
+from deviceplugin.sysfs import PciFunction, is_vfio_driver, parse_address
 
 SELECTOR_KEYS = ("vendor", "device", "class", "address", "driver")
-RULE_KEYS = (*SELECTOR_KEYS, "resource", "exclude")
+RULE_KEYS = (*SELECTOR_KEYS, "resource", "exclude", "bind", "vfio_driver")
 TOP_KEYS = ("naming", "classes", "companions", "rules")
 # Companion roles and the class-code prefixes of the card functions that play them.
 COMPANION_ROLES: dict[str, tuple[str, ...]] = {"audio": ("04",), "usb": ("0c03",), "serial": ("0c80",)}
 DEFAULT_COMPANIONS = ("audio",)
 _HEX = re.compile(r"^[0-9a-f]+$")
-_ADDRESS = re.compile(r"^([0-9a-f]{4,8}:)?[0-9a-f]{2}:[0-9a-f]{2}\.[0-7]$")
+_DRIVER_NAME = re.compile(r"^[A-Za-z0-9_-]+$")
 
 
 class ConfigError(ValueError):
@@ -46,6 +51,8 @@ class Rule:
     selector: dict[str, str]
     resource: str | None = None
     exclude: bool = False
+    bind: bool = False  # `bind --config` binds the groups this rule selects
+    vfio_driver: str | None = None  # the vfio driver `bind` uses for them (None: vfio-pci)
 
     def matches(self, fn: PciFunction) -> bool:
         for key, want in self.selector.items():
@@ -213,7 +220,24 @@ def _parse_rule(at: _Where, index: int, data: Any) -> Rule:
         err = resource_name_error(str(resource)) if isinstance(resource, str) else "must be a string"
         if err:
             raise at.error((*where, "resource"), f"invalid extended resource name {resource!r}: {err}")
-    return Rule(index=index, selector=selector, resource=resource, exclude=exclude)
+    bind, vfio_driver = _bind_options(at, where, data, exclude)
+    return Rule(index=index, selector=selector, resource=resource, exclude=exclude, bind=bind, vfio_driver=vfio_driver)
+
+
+def _bind_options(at: _Where, where: Path, data: dict[Any, Any], exclude: bool) -> tuple[bool, str | None]:
+    bind = data.get("bind", False)
+    if not isinstance(bind, bool):
+        raise at.error((*where, "bind"), f"must be true or false, got {bind!r}")
+    driver = data.get("vfio_driver")
+    if driver is not None and not (isinstance(driver, str) and _DRIVER_NAME.match(driver) and is_vfio_driver(driver)):
+        raise at.error(
+            (*where, "vfio_driver"),
+            f"{driver!r} is not a vfio driver: name vfio-pci or a variant driver whose name "
+            "contains vfio (as in /sys/bus/pci/drivers), such as nvgrace_gpu_vfio_pci",
+        )
+    if exclude and (bind or driver is not None):
+        raise at.error(where, f"exclude: true contradicts {'bind: true' if bind else 'vfio_driver'} (an excluded group is never used)")
+    return bind, driver
 
 
 def _selector_value(at: _Where, where: Path, key: str, value: Any) -> str:
@@ -221,11 +245,11 @@ def _selector_value(at: _Where, where: Path, key: str, value: Any) -> str:
         return _hex_value(at, where, value, (4,))
     if key == "class":
         return _hex_value(at, where, value, (2, 4, 6))
-    text = str(value).strip().lower()
     if key == "address":
-        if not _ADDRESS.match(text):
+        address = parse_address(str(value))
+        if address is None:
             raise at.error(where, f"{value!r} is not a PCI address like 0000:01:00.0")
-        return text if text.count(":") == 2 else f"0000:{text}"
+        return address
     return str(value).strip()
 
 

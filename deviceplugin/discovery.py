@@ -109,9 +109,29 @@ def describe(fn: PciFunction) -> str:
     return f"{fn.address} ({fn.ids} {class_name(fn.class_code)})"
 
 
-def bind_commands(address: str) -> str:
-    dev = f"/sys/bus/pci/devices/{address}"
-    return f"echo vfio-pci > {dev}/driver_override; echo {address} > {dev}/driver/unbind; echo {address} > /sys/bus/pci/drivers_probe"
+IOMMU_OFF = (
+    "IOMMU is off: /sys/kernel/iommu_groups is empty, so no device can be passed through. Enable "
+    "VT-d (Intel) or AMD-Vi/IOMMU (AMD) in the firmware and add intel_iommu=on (Intel) to the kernel command line"
+)
+
+
+def bind_hint(address: str) -> str:
+    return f"run `vfio-device-plugin bind {address}`: it binds the whole IOMMU group"
+
+
+def stays_on_host(fn: PciFunction) -> bool:
+    """Bridges and Root Complex Event Collectors (0807): pcieport may keep them inside a VM's group,
+    and they are never passed through."""
+    return fn.is_pci_bridge or fn.class_code.startswith("0807")
+
+
+def foreign_functions(functions: tuple[PciFunction, ...], primary: PciFunction) -> list[PciFunction]:
+    """The group's functions that are not part of the primary's card: another slot (bus:device), not a bridge.
+
+    Poor ACS isolation puts chipset devices (SATA, NIC, USB) into a GPU's group; they can only go to
+    the same VM, so binding the group would take them from the host.
+    """
+    return [fn for fn in functions if fn.address[:-1] != primary.address[:-1] and not stays_on_host(fn)]
 
 
 def blocks_group(fn: PciFunction) -> bool:
@@ -124,14 +144,13 @@ def blocks_group(fn: PciFunction) -> bool:
     """
     if fn.driver is None or fn.driver == "pci-stub" or is_vfio_driver(fn.driver):
         return False
-    # pcieport binds bridges and Root Complex Event Collectors (class 0807)
-    return not (fn.driver == "pcieport" and (fn.is_pci_bridge or fn.class_code.startswith("0807")))
+    return not (fn.driver == "pcieport" and stays_on_host(fn))
 
 
 def blocker_reason(fn: PciFunction) -> str:
     return (
         f"{describe(fn)} is bound to host driver {fn.driver}: the group is not viable until it is bound "
-        f"to vfio-pci ({bind_commands(fn.address)})"
+        f"to vfio-pci ({bind_hint(fn.address)})"
     )
 
 
@@ -146,7 +165,7 @@ def pick_primary(functions: tuple[PciFunction, ...]) -> PciFunction | None:
     return None
 
 
-def _match_rule(rules: tuple[Rule, ...], functions: tuple[PciFunction, ...], candidate: PciFunction | None) -> Rule | None:
+def match_rule(rules: tuple[Rule, ...], functions: tuple[PciFunction, ...], candidate: PciFunction | None) -> Rule | None:
     """The first rule that excludes the group (any of its functions) or selects this candidate."""
     for rule in rules:
         if rule.exclude and any(rule.matches(fn) for fn in functions):
@@ -183,7 +202,7 @@ def _device_reason(fn: PciFunction) -> str | None:
     if is_vfio_driver(fn.driver) or blocks_group(fn):
         return None  # a blocking host driver is already a group reason
     bound = f"bound to {fn.driver}" if fn.driver else "bound to no driver"
-    return f"{describe(fn)} is {bound}, so a VM cannot open it: bind it to vfio-pci ({bind_commands(fn.address)})"
+    return f"{describe(fn)} is {bound}, so a VM cannot open it: bind it to vfio-pci ({bind_hint(fn.address)})"
 
 
 def _not_selected_reason(primary: PciFunction, cards: dict[str, PciFunction]) -> str:
@@ -272,7 +291,7 @@ def _candidates(functions: tuple[PciFunction, ...], primary: PciFunction, config
     displays = [fn for fn in functions if fn.is_display] or [primary]
     selected = []
     for fn in displays:
-        rule = _match_rule(config.rules, functions, fn)
+        rule = match_rule(config.rules, functions, fn)
         if rule is not None and rule.exclude:
             return [], rule
         if rule is not None:
@@ -297,7 +316,7 @@ def _report_group(
         return report, []
 
     if primary is None:
-        excluded = _match_rule(config.rules, functions, None)
+        excluded = match_rule(config.rules, functions, None)
         if excluded is not None:
             return unoffered([f"excluded by {excluded.describe()}"])
         return unoffered(["not a passthrough candidate: no display controller and no function bound to vfio-pci"])
@@ -402,10 +421,7 @@ def _token(owner: Device, role: str, fn: PciFunction) -> Device:
 def _host_notes(snapshot: NodeSnapshot, ungrouped: list[PciFunction]) -> list[str]:
     notes = []
     if not snapshot.host.iommu_enabled:
-        notes.append(
-            "IOMMU is off: /sys/kernel/iommu_groups is empty, so no device can be passed through. Enable "
-            "VT-d (Intel) or AMD-Vi/IOMMU (AMD) in the firmware and add intel_iommu=on (Intel) to the kernel command line"
-        )
+        notes.append(IOMMU_OFF)
     elif ungrouped:
         notes.append(f"{len(ungrouped)} function(s) have no iommu_group link and cannot be passed through")
     if not snapshot.functions and not snapshot.problems:

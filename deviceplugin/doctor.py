@@ -15,7 +15,7 @@ import sys
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 
-from deviceplugin.discovery import Device, GroupReport, Inventory, class_name, describe
+from deviceplugin.discovery import Device, GroupReport, Inventory, class_name, describe, foreign_functions
 from deviceplugin.dra.options import DEFAULT_DRIVER, DEFAULT_REGISTRY_DIR, registration_socket_name
 from deviceplugin.naming import MAX_SOCKET_PATH, SOCKET_PREFIX, resource_name_error, socket_name
 from deviceplugin.pool import Holdings
@@ -178,7 +178,7 @@ def group_checks(g: GroupReport) -> Iterator[Check]:
         yield Check(cid, WARN, f"{what} is bound to vfio-pci but not offered", "; ".join(g.reasons))
     else:
         yield Check(cid, FAIL, f"{what} is not offered (a VM asking for it would fail)", "; ".join(g.reasons))
-    others = [fn for fn in g.functions if primary and fn.address[:-1] != primary.address[:-1] and not fn.is_pci_bridge]
+    others = foreign_functions(g.functions, primary) if primary else []
     if others:
         listed = ", ".join(f"{fn.address} ({class_name(fn.class_code)}, {fn.driver or 'no driver'})" for fn in others)
         yield Check(

@@ -14,6 +14,7 @@ import re
 from dataclasses import dataclass, field
 
 ADDRESS_RE = re.compile(r"^[0-9a-f]{4,8}:[0-9a-f]{2}:[0-9a-f]{2}\.[0-7]$")
+_SHORT_ADDRESS_RE = re.compile(r"^([0-9a-f]{4,8}:)?[0-9a-f]{2}:[0-9a-f]{2}\.[0-7]$")
 VFIO_MODULES = ("vfio", "vfio_pci", "vfio_iommu_type1")
 
 
@@ -338,6 +339,14 @@ def _finish_static(
     boot_vga = class_code.startswith("03") and read_attr("boot_vga", dir_fd) == "1"
     group = _link_name("iommu_group", dir_fd)
     return _Static(vendor, device, class_code, sub_vendor, sub_device, max(numa, -1), boot_vga, group)
+
+
+def parse_address(text: str) -> str | None:
+    """'0000:01:00.0', '01:00.0' (domain 0000, as lspci prints it) or upper case -> '0000:01:00.0'; None if not an address."""
+    address = text.strip().lower()
+    if not _SHORT_ADDRESS_RE.match(address):
+        return None
+    return address if address.count(":") == 2 else f"0000:{address}"
 
 
 def is_vfio_driver(driver: str | None) -> bool:

@@ -3,6 +3,7 @@ the pci.ids fixture, and a harness that runs the real daemon against the test ku
 
 from __future__ import annotations
 
+import os
 import shutil
 import tempfile
 import threading
@@ -118,3 +119,19 @@ def cluster(kube_apiserver: str):
     c = Cluster(kube_apiserver)
     c.ensure_device_class()
     return c
+
+
+def tree_of(root: str | Path) -> dict[str, str]:
+    """Every path under root with its content or link target: compare two to prove nothing changed."""
+    out = {}
+    for dirpath, dirnames, filenames in os.walk(root):
+        for name in dirnames + filenames:
+            path = os.path.join(dirpath, name)
+            rel = os.path.relpath(path, root)
+            if os.path.islink(path):
+                out[rel] = "-> " + os.readlink(path)
+            elif os.path.isdir(path):
+                out[rel] = "dir"
+            else:
+                out[rel] = Path(path).read_text(errors="replace")
+    return out

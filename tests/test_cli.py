@@ -7,7 +7,7 @@ import os
 import subprocess
 import sys
 
-from conftest import PCI_IDS_PATH
+from conftest import PCI_IDS_PATH, tree_of
 
 from deviceplugin.sim.node import gpu
 
@@ -90,7 +90,7 @@ def test_unreadable_pci_ids_is_a_clear_error(node):
 def test_help_and_module_entry_point():
     result = run("--help")
     assert result.returncode == 0
-    for command in ("serve", "inspect", "doctor", "kubevirt-config", "demo"):
+    for command in ("serve", "inspect", "doctor", "kubevirt-config", "bind", "release", "demo"):
         assert command in result.stdout
 
 
@@ -144,3 +144,88 @@ def test_help_names_the_variable_of_every_option():
     text = " ".join(run("serve", "--help").stdout.split())
     for flag in ("--sysfs-root", "--dev-root", "--config", "--naming", "--pci-ids", "--rescan-interval", "--status-port"):
         assert f"env {'VFIO_DP_' + flag[2:].replace('-', '_').upper()}" in text, flag
+
+
+# --- bind / release -------------------------------------------------------------------------------
+def host_gpu(node) -> None:
+    node.add_all(gpu("0000:01:00.0", "2484", "228b", "13", driver="nvidia", audio_driver="snd_hda_intel"))
+    (node.sys / "bus" / "pci" / "drivers" / "vfio-pci").mkdir()
+
+
+def test_bind_dry_run_json_plans_writes_under_the_given_roots_only(node):
+    host_gpu(node)
+    before = tree_of(node.root)
+    result = run("bind", "--dry-run", "--json", "01:00.1", *node.cli_args())
+    assert result.returncode == 0, result.stderr
+    doc = json.loads(result.stdout)
+    assert (doc["action"], doc["dry_run"], doc["outcome"], doc["changed"]) == ("bind", True, "planned", False)
+    (group,) = doc["groups"]
+    assert group["group"] == "13" and group["driver"] == "vfio-pci" and group["steps"] == []
+    assert [s["line"].split(" > ")[0] for s in group["plan"] if s["kind"] == "write"][:3] == [
+        "echo vfio-pci",
+        "echo 0000:01:00.0",
+        "echo 0000:01:00.0",
+    ]
+    assert all(s["path"].startswith(str(node.sys) + "/") for s in group["plan"])
+    assert {c["name"]: c["ok"] for c in group["checks"]} == {"driver": True, "shared-group": True}
+    assert tree_of(node.root) == before
+
+
+def test_bind_refusal_exits_1_and_a_failed_write_is_rolled_back(node):
+    node.add_all(gpu("0000:01:00.0", "2484", "228b", "13", driver="nvidia", audio_driver="snd_hda_intel"))
+    before = tree_of(node.root)
+    result = run("bind", "0000:01:00.0", *node.cli_args())
+    assert result.returncode == 1 and "run `modprobe vfio-pci`" in result.stdout
+    assert tree_of(node.root) == before
+    (node.sys / "bus" / "pci" / "drivers" / "vfio-pci").mkdir()
+    before = tree_of(node.root)
+    # The real writer on a tree that is not sysfs: driver_override does not exist, and no file is made
+    result = run("bind", "0000:01:00.0", *node.cli_args())
+    assert result.returncode == 1
+    assert "ENOENT" in result.stdout and "Rolled back: every function of group 13 is as it was" in result.stdout
+    assert tree_of(node.root) == before
+
+
+def test_bind_usage_errors_exit_2(node):
+    host_gpu(node)
+    result = run("release", "0000:01:00.0", "bogus", *node.cli_args())
+    assert result.returncode == 2 and "vfio-device-plugin: error: 'bogus' is not a PCI address" in result.stderr
+
+
+def test_bind_config_at_node_start_is_idempotent(node):
+    node.add_all(gpu("0000:01:00.0", "2484", "228b", "13"))  # already on vfio-pci
+    config = node.root / "config.yaml"
+    config.write_text('rules:\n  - {vendor: "10de", device: "2484", bind: true}\n')
+    result = run("bind", "--config", str(config), *node.cli_args())
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "=> unchanged: group 13: every function is already on a vfio driver" in result.stdout
+    assert result.stdout.endswith("bind: nothing changed: everything was already as asked\n")
+
+
+def test_bind_and_release_through_the_parser_with_the_fake_kernel(node, capsys):
+    from deviceplugin.bind import run_command
+    from deviceplugin.cli import build_parser
+    from deviceplugin.config import Config
+    from deviceplugin.naming import PciIds
+    from deviceplugin.sim.kernel import FakeKernel
+
+    host_gpu(node)
+    kernel = FakeKernel(node)
+    args = build_parser().parse_args(["bind", "--json", "--timeout", "2", "0000:01:00.0", *node.cli_args()])
+    assert run_command(args, Config(), PciIds(), kernel) == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert (doc["outcome"], doc["changed"]) == ("done", True)
+    assert [s["result"] for s in doc["groups"][0]["steps"]] == ["ok"] * 8 and doc["groups"][0]["rollback"] == []
+    assert node.driver_of("0000:01:00.1") == "vfio-pci" and (node.dev / "vfio" / "13").exists()
+    args = build_parser().parse_args(["release", "0000:01:00.1", *node.cli_args()])
+    assert run_command(args, Config(), PciIds(), kernel) == 0
+    assert "=> released: group 13: given back to the host" in capsys.readouterr().out
+    assert node.driver_of("0000:01:00.0") == "nvidia"
+
+
+def test_bind_defaults_are_the_real_paths():
+    from deviceplugin.cli import build_parser
+
+    args = build_parser().parse_args(["bind", "0000:01:00.0"])
+    assert (args.sysfs_root, args.dev_root, args.proc_root, args.timeout, args.dry_run) == ("/sys", "/dev", "/proc", 10.0, False)
+    assert build_parser().parse_args(["release", "--timeout", "0.5", "0000:01:00.0"]).timeout == 0.5

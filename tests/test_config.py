@@ -43,6 +43,12 @@ def test_full_config_round_trip(tmp_path):
         ({"rules": [{"address": "1:0.0"}]}, "rules[0].address: '1:0.0' is not a PCI address"),
         ({"rules": [{"vendor": "10de", "exclude": "yes"}]}, "rules[0].exclude: must be true or false"),
         ({"rules": [{"vendor": "10de", "exclude": True, "resource": "a.com/b"}]}, "contradict"),
+        ({"rules": [{"vendor": "10de", "bind": "yes"}]}, "rules[0].bind: must be true or false, got 'yes'"),
+        ({"rules": [{"vendor": "10de", "vfio_driver": "nvidia"}]}, "rules[0].vfio_driver: 'nvidia' is not a vfio driver"),
+        ({"rules": [{"vendor": "10de", "vfio_driver": "vfio pci"}]}, "rules[0].vfio_driver: 'vfio pci' is not a vfio driver"),
+        ({"rules": [{"vendor": "10de", "vfio_driver": 3}]}, "rules[0].vfio_driver: 3 is not a vfio driver"),
+        ({"rules": [{"vendor": "10de", "exclude": True, "bind": True}]}, "rules[0]: exclude: true contradicts bind: true"),
+        ({"rules": [{"vendor": "10de", "exclude": True, "vfio_driver": "vfio-pci"}]}, "rules[0]: exclude: true contradicts vfio_driver"),
         (["not", "a", "mapping"], "top level must be a mapping"),
         ({"companions": "audio"}, "companions: must be a list of roles (audio, usb, serial)"),
         ({"companions": ["audio", "hdmi"]}, "companions[1]: unknown role 'hdmi'; known: audio, usb, serial"),
@@ -73,6 +79,16 @@ def test_errors_in_a_file_name_the_line(tmp_path):
     with pytest.raises(ConfigError) as err:
         load_config(str(path))
     assert str(err.value).startswith(f"{path} line 3: rules[1].device: quote hex ids")
+
+
+def test_bind_keys_mark_groups_for_bind_and_name_a_variant_driver():
+    config = parse_config(
+        {"rules": [{"vendor": "10de", "device": "2342", "bind": True, "vfio_driver": "nvgrace_gpu_vfio_pci"}, {"class": "0108"}]}
+    )
+    grace, nvme = config.rules
+    assert (grace.bind, grace.vfio_driver, grace.exclude, grace.resource) == (True, "nvgrace_gpu_vfio_pci", False, None)
+    assert (nvme.bind, nvme.vfio_driver) == (False, None)  # the defaults: bind only where a rule asks
+    assert grace.describe() == "config rule 0 (vendor=10de, device=2342)"  # unchanged: the bind keys are not selectors
 
 
 def test_bad_yaml_and_missing_file(tmp_path):

@@ -85,7 +85,7 @@ def test_group_verdicts(node, pci_ids):
     assert checks["group.13"][0] == OK
     verdict, found, fix = checks["group.14"]
     assert verdict == FAIL and "a VM asking for it would fail" in found
-    assert "echo vfio-pci > /sys/bus/pci/devices/0000:02:00.1/driver_override" in fix
+    assert "vfio-device-plugin bind 0000:02:00.1" in fix
     verdict, found, _ = checks["group.2"]
     assert verdict == OK and "no function is bound to vfio-pci (the host may be using it" in found
     verdict, found, fix = checks["group.20"]

@@ -28,6 +28,8 @@ ALLOWED: dict[str, set[str]] = {
     "doctor": {"discovery", "dra.options", "naming", "pool", "registration", "sysfs"},
     "kubevirt": {"discovery"},
     "status": {"daemon", "report"},
+    "hostuse": {"sysfs"},
+    "bind": {"config", "discovery", "hostuse", "naming", "sysfs"},
     "sim.node": {"sysfs"},
     "sim.kubelet": {"naming", "api", "sim.podresources"},
     "sim.podresources": {"api"},
@@ -61,6 +63,7 @@ ALLOWED: dict[str, set[str]] = {
         "pool",
     },
     "dra.run": {"dra.frontend", "dra.kube", "dra.options"},
+    "sim.kernel": {"sim.node", "sysfs"},
 }
 
 

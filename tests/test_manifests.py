@@ -27,7 +27,7 @@ from deviceplugin.sysfs import SysfsScanner
 
 ROOT = Path(__file__).resolve().parent.parent
 MANIFESTS = ROOT / "manifests"
-KUSTOMIZATIONS = ["base", "examples/full-naming"]
+KUSTOMIZATIONS = ["base", "examples/full-naming", "examples/with-binder"]
 K8S_VERSION = kubernetes_validate.latest_version()
 
 
@@ -129,8 +129,38 @@ def test_config_map_is_a_valid_plugin_config_and_args_parse():
 
 def test_image_tag_is_the_package_version():
     for path in KUSTOMIZATIONS:
-        image = daemonset(path)["spec"]["template"]["spec"]["containers"][0]["image"]
-        assert image == f"ghcr.io/vfio-device-plugin/vfio-device-plugin:{__version__}"
+        pod = daemonset(path)["spec"]["template"]["spec"]
+        for container in pod["containers"] + pod.get("initContainers", []):
+            assert container["image"] == f"ghcr.io/vfio-device-plugin/vfio-device-plugin:{__version__}"
+
+
+def test_binder_component_adds_the_only_privileged_container():
+    from deviceplugin.cli import build_parser
+
+    base, pod = daemonset()["spec"]["template"]["spec"], daemonset("examples/with-binder")["spec"]["template"]["spec"]
+    assert pod["containers"] == base["containers"]  # the plugin container keeps every restriction and mount
+    unchanged = {k: v for k, v in pod.items() if k not in ("initContainers", "volumes")}
+    assert unchanged == {k: v for k, v in base.items() if k != "volumes"}  # no hostPID, no pod-level privilege
+    (init,) = pod["initContainers"]
+    privileged = [c["name"] for c in pod["containers"] + pod["initContainers"] if c.get("securityContext", {}).get("privileged")]
+    assert privileged == ["bind"] and init["securityContext"] == {"privileged": True}
+    args = build_parser().parse_args(init["command"][1:])
+    assert init["command"][0] == "vfio-device-plugin" and args.command == "bind" and args.addresses == []
+    assert (args.config, args.sysfs_root, args.proc_root, args.dry_run) == (
+        "/etc/vfio-device-plugin/config.yaml",
+        "/host/sys",
+        "/host/proc",
+        False,
+    )
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    assert [v for v in base["volumes"] if v not in pod["volumes"]] == []
+    added = set(volumes) - {v["name"] for v in base["volumes"]}
+    assert added == {"host-sys", "host-proc"}
+    assert volumes["host-sys"]["hostPath"] == {"path": "/sys", "type": "Directory"}
+    mounts = {m["name"]: m for m in init["volumeMounts"]}
+    assert mounts["host-sys"] == {"name": "host-sys", "mountPath": "/host/sys"}  # writable: it binds
+    assert mounts["host-proc"]["readOnly"] and mounts["config"]["readOnly"] and mounts["dev-vfio"]["readOnly"]
+    assert volumes["config"]["configMap"]["name"].startswith("vfio-device-plugin-config-")  # the same, hashed ConfigMap
 
 
 def registered_names(naming: str) -> set[str]:

@@ -170,6 +170,34 @@ class FakeNode:
         (self.dev / "vfio" / "devices" / name).touch()
         (self.dev / "iommu").touch()
 
+    # --- what holds a card (bind's refusals and timeouts) -----------------------------------------
+    def set_bars(self, address: str, *bars: tuple[int, int]) -> None:
+        """The function's memory regions, as the kernel writes `resource` (start end flags per line)."""
+        lines = [f"0x{start:016x} 0x{end:016x} 0x{0x40200:016x}" for start, end in bars]
+        lines += [f"0x{0:016x} 0x{0:016x} 0x{0:016x}"] * (7 - len(lines))
+        (self.device_dir(address) / "resource").write_text("\n".join(lines) + "\n")
+
+    def write_iomem(self, text: str) -> None:
+        (self.proc / "iomem").write_text(text)
+
+    def add_framebuffer(self, name: str, address: str) -> None:
+        """/sys/class/graphics/<name> on the function (efifb's is on no PCI device: leave it out)."""
+        fb = self.sys / "class" / "graphics" / name
+        fb.mkdir(parents=True, exist_ok=True)
+        _link(fb / "device", self.device_dir(address))
+
+    def add_drm(self, address: str, *names: str) -> None:
+        for name in names:
+            (self.device_dir(address) / "drm" / name).mkdir(parents=True, exist_ok=True)
+
+    def add_process(self, pid: int, comm: str, *opened: str) -> None:
+        """A process with the given paths open: /proc/<pid>/fd/<n> links, as Linux shows them."""
+        fd = self.proc / str(pid) / "fd"
+        fd.mkdir(parents=True, exist_ok=True)
+        (self.proc / str(pid) / "comm").write_text(f"{comm}\n")
+        for n, path in enumerate(opened, start=3):
+            (fd / str(n)).symlink_to(path)
+
     def cli_args(self, pci_ids: str | Path | None = None) -> list[str]:
         args = [
             "--sysfs-root",
