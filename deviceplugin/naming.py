@@ -10,9 +10,10 @@ from __future__ import annotations
 import hashlib
 import os
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 PCI_IDS_PATHS = ("/usr/share/misc/pci.ids", "/usr/share/hwdata/pci.ids")
+BUNDLED_PCI_IDS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "pci.ids")
 KNOWN_DOMAINS = {"10de": "nvidia.com", "1002": "amd.com", "8086": "intel.com"}
 NAMINGS = ("short", "full")
 MAX_NAME = 63
@@ -23,55 +24,101 @@ _QUALIFIED_NAME = re.compile(r"^[A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?$")
 _DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
 
 
-@dataclass
 class PciIds:
-    """The vendor and device names of a pci.ids file (subsystems and classes are not needed)."""
+    """Vendor and device names of a pci.ids file, looked up on demand.
 
-    path: str | None = None
-    vendors: dict[str, str] = field(default_factory=dict)
-    devices: dict[tuple[str, str], str] = field(default_factory=dict)
+    The file is 1.6 MB with about 40,000 entries; a node needs a handful of them. Parsing it all costs
+    about 60 ms per command, so each lookup searches the text (a C-speed regular expression) for the
+    vendor's block, then the device line inside it, and remembers the vendor's block.
+    """
+
+    def __init__(self, text: str = "", path: str | None = None) -> None:
+        self.path = path
+        self._text = text
+        self.version = _header(text, "Version")  # "2026.10.24"
+        self._blocks: dict[str, tuple[str, int, int] | None] = {}  # vendor -> (name, start, end) of its device lines
+        self._names: dict[tuple[str, str], str | None] = {}
+
+    @property
+    def empty(self) -> bool:
+        return _VENDOR_ANY.search(self._text) is None
 
     def vendor_name(self, vendor: str) -> str | None:
-        return self.vendors.get(vendor)
+        block = self._block(vendor)
+        return block[0] if block else None
 
     def device_name(self, vendor: str, device: str) -> str | None:
-        return self.devices.get((vendor, device))
+        key = (vendor, device)
+        if key not in self._names:
+            block = self._block(vendor)
+            found = None
+            if block is not None and _HEX4.fullmatch(device):
+                m = re.compile(rf"^\t{device}  (.*)$", re.M | re.I).search(self._text, block[1], block[2])
+                found = m.group(1).strip() if m else None
+            self._names[key] = found
+        return self._names[key]
+
+    def _block(self, vendor: str) -> tuple[str, int, int] | None:
+        vendor = vendor.lower()
+        if vendor not in self._blocks:
+            self._blocks[vendor] = self._find(vendor) if _HEX4.fullmatch(vendor) else None
+        return self._blocks[vendor]
+
+    def _find(self, vendor: str) -> tuple[str, int, int] | None:
+        m = re.compile(rf"^{vendor}  (.*)$", re.M | re.I).search(self._text)
+        if m is None:
+            return None
+        end = _BLOCK_END.search(self._text, m.end())  # the next vendor, the class section, or the end
+        return m.group(1).strip(), m.end(), end.start() if end else len(self._text)
+
+
+_HEX4 = re.compile(r"[0-9a-fA-F]{4}")
+_VENDOR_ANY = re.compile(r"^[0-9a-fA-F]{4}  ", re.M)
+_BLOCK_END = re.compile(r"^[^\t#\n]", re.M)
+
+
+def _header(text: str, key: str) -> str | None:
+    m = re.search(rf"^#\s*{key}:\s*(\S+)", text[:2048], re.M)
+    return m.group(1) if m else None
 
 
 def parse_pci_ids(text: str, path: str | None = None) -> PciIds:
-    db = PciIds(path=path)
-    vendor: str | None = None
-    for line in text.splitlines():
-        if not line or line[0] == "#":
-            continue
-        if line[0] == "\t":
-            if vendor is None or line.startswith("\t\t"):
-                continue
-            dev, _, name = line[1:].partition(" ")
-            if len(dev) == 4:
-                db.devices[(vendor, dev.lower())] = name.strip()
-        elif line.startswith("C "):
-            break  # the device-class section follows; it has no vendor data
-        else:
-            ven, _, name = line.partition(" ")
-            vendor = ven.lower() if len(ven) == 4 else None
-            if vendor is not None:
-                db.vendors[vendor] = name.strip()
-    return db
+    return PciIds(text, path)
+
+
+def _read(path: str) -> str:
+    with open(path, encoding="utf-8", errors="replace") as f:
+        return f.read()
+
+
+def _version_key(path: str) -> tuple[int, ...]:
+    """(2026, 10, 24) from a file's `# Version: 2026.10.24` header; () when there is none (oldest)."""
+    try:
+        with open(path, encoding="utf-8", errors="replace") as f:
+            version = _header(f.read(2048), "Version") or ""
+    except OSError:
+        return ()
+    return tuple(int(p) for p in re.findall(r"\d+", version))
+
+
+def pci_ids_candidates() -> list[str]:
+    """The bundled copy and the system's, newest first (by their Version header; the bundled one wins a tie)."""
+    found = [p for p in (BUNDLED_PCI_IDS, *PCI_IDS_PATHS) if os.path.isfile(p)]
+    return sorted(found, key=_version_key, reverse=True)
 
 
 def load_pci_ids(explicit: str | None = None) -> PciIds:
-    """--pci-ids PATH, else the usual system locations; an empty database when none exists.
+    """--pci-ids PATH, else the newest of the bundled copy and the system's; an empty database when none exists.
 
     An explicit path that cannot be read is an error (the operator asked for it).
     """
     if explicit:
-        with open(explicit, encoding="utf-8", errors="replace") as f:
-            return parse_pci_ids(f.read(), explicit)
-    for path in PCI_IDS_PATHS:
-        if os.path.isfile(path):
-            with open(path, encoding="utf-8", errors="replace") as f:
-                return parse_pci_ids(f.read(), path)
+        return PciIds(_read(explicit), explicit)
+    for path in pci_ids_candidates():
+        try:
+            return PciIds(_read(path), path)
+        except OSError:
+            continue
     return PciIds()
 
 
@@ -112,7 +159,7 @@ def auto_name(vendor: str, device: str, db: PciIds, naming: str) -> Naming:
     domain = vendor_domain(vendor, db)
     dev_name = db.device_name(vendor, device)
     if dev_name is None:
-        why = "no pci.ids database" if not db.devices else f"{vendor}:{device} is not in pci.ids"
+        why = "no pci.ids database" if db.empty else f"{vendor}:{device} is not in pci.ids"
         return Naming(f"{domain}/{device}", f"fallback to the device id ({why})")
     part = clamp_name(short_name(dev_name) if naming == "short" else full_name(dev_name))
     if not part:

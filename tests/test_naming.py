@@ -41,9 +41,12 @@ def test_pci_ids_parser_reads_vendors_and_devices_and_stops_at_classes(pci_ids):
     assert pci_ids.vendor_name("10de") == "NVIDIA Corporation"
     assert pci_ids.device_name("10de", "2484") == "GA104 [GeForce RTX 3070]"
     assert pci_ids.device_name("10de", "1458") is None  # a subsystem line is not a device
-    assert "03" not in {v for v, _ in pci_ids.devices}  # class section ignored
-    db = parse_pci_ids("# c\n10DE  NVIDIA\n\t2484  GA104 [x]\n\t\t1458 4037  sub\nC 03  Display\n\t00  VGA\n")
-    assert db.devices == {("10de", "2484"): "GA104 [x]"}
+    db = parse_pci_ids("# c\n10DE  NVIDIA\n\t2484  GA104 [x]\n\t\t1458 4037  sub\n1af4  Red Hat\nC 03  Display\n\t00  VGA\n")
+    assert db.device_name("10de", "2484") == "GA104 [x]" and db.vendor_name("10DE") == "NVIDIA"
+    assert db.device_name("10de", "1458") is None  # a subsystem line, two tabs deep
+    assert db.device_name("1af4", "0000") is None and db.vendor_name("1af4") == "Red Hat"  # the block ends at the next vendor
+    assert db.vendor_name("03") is None and db.device_name("03", "00") is None  # the class section is not vendors
+    assert db.device_name("10de", "24841") is None and db.device_name("10de", ".*") is None  # no regex injection
 
 
 def test_vendor_domains(pci_ids):
