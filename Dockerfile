@@ -1,7 +1,8 @@
 # vfio-device-plugin node agent.
 #   docker build -t ghcr.io/vfio-device-plugin/vfio-device-plugin:0.1.0 .
-# Stage 1 installs the package into a venv; stage 2 is the slim runtime with Debian's pci.ids
-# (resource names come from it) and nothing else: no compilers, no pip, no caches.
+# Stage 1 installs the package into a venv; stage 2 is the slim runtime and nothing else: no compilers,
+# no pip, no caches. Resource names come from the pci.ids the package ships (deviceplugin/data/, newer
+# than any distribution's copy; the newest copy found wins, and `inspect` says which).
 FROM python:3.11-slim-bookworm AS build
 ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
 RUN python -m venv /opt/venv
@@ -14,10 +15,7 @@ RUN /opt/venv/bin/pip install --no-cache-dir . \
  && find /opt/venv -name __pycache__ -prune -exec rm -rf {} +
 
 FROM python:3.11-slim-bookworm
-RUN apt-get update \
- && apt-get install -y --no-install-recommends pci.ids \
- && rm -rf /var/lib/apt/lists/* \
- && rm -rf /usr/local/lib/python3.11/site-packages/pip /usr/local/bin/pip*
+RUN rm -rf /usr/local/lib/python3.11/site-packages/pip /usr/local/bin/pip*
 COPY --from=build /opt/venv /opt/venv
 ENV PATH=/opt/venv/bin:$PATH PYTHONUNBUFFERED=1 PYTHONDONTWRITEBYTECODE=1
 # Root without capabilities (the DaemonSet drops them all): the kubelet's device-plugin dir is root-owned.

@@ -32,6 +32,7 @@ from deviceplugin.config import Config, Rule
 from deviceplugin.discovery import (
     IOMMU_OFF,
     GroupReport,
+    blocker_reason,
     class_name,
     describe,
     discover,
@@ -39,6 +40,7 @@ from deviceplugin.discovery import (
     match_rule,
     pick_primary,
     stays_on_host,
+    vfs_of,
 )
 from deviceplugin.hostuse import find_holders, firmware_framebuffer
 from deviceplugin.naming import PciIds
@@ -263,6 +265,16 @@ def _shared_group_check(g: GroupReport, options: Options) -> Check | None:
     )
 
 
+def _sriov_checks(g: GroupReport, snapshot: NodeSnapshot) -> list[Check]:
+    """Never unbind an SR-IOV physical function that has VFs: the kernel destroys them with it (no override)."""
+    checks = []
+    for fn in g.functions:
+        vfs = tuple(f.address for f in snapshot.functions if f.physfn == fn.address)
+        if vfs and not is_vfio_driver(fn.driver):
+            checks.append(Check("sriov-pf", False, blocker_reason(fn, vfs_of(fn, g.functions) or vfs)))
+    return checks
+
+
 def _boot_vga_checks(g: GroupReport, options: Options, roots: Roots) -> list[Check]:
     checks = []
     for fn in (f for f in g.functions if f.boot_vga):
@@ -298,6 +310,7 @@ def _bind_checks(g: GroupReport, driver: str, snapshot: NodeSnapshot, options: O
         if loaded
         else Check("driver", False, f"{driver} is not loaded ({_driver_path(roots.sysfs, driver)} is missing): run `modprobe {driver}`")
     )
+    checks += _sriov_checks(g, snapshot)
     shared = _shared_group_check(g, options)
     if shared is not None:
         checks.append(shared)

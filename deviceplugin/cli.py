@@ -271,7 +271,7 @@ def cmd_doctor(args: argparse.Namespace) -> int:
     from deviceplugin.doctor import run_doctor
 
     config, pci_ids = load_inputs(args)
-    return run_doctor(args, scan(args, config, pci_ids), holdings(args))
+    return run_doctor(args, scan(args, config, pci_ids), holdings(args), pci_ids)
 
 
 def cmd_kubevirt_config(args: argparse.Namespace) -> int:

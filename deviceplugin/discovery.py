@@ -131,7 +131,13 @@ def foreign_functions(functions: tuple[PciFunction, ...], primary: PciFunction) 
     Poor ACS isolation puts chipset devices (SATA, NIC, USB) into a GPU's group; they can only go to
     the same VM, so binding the group would take them from the host.
     """
-    return [fn for fn in functions if fn.address[:-1] != primary.address[:-1] and not stays_on_host(fn)]
+    return [fn for fn in functions if not _same_card(fn, primary) and not stays_on_host(fn)]
+
+
+def _same_card(fn: PciFunction, primary: PciFunction) -> bool:
+    """One slot (bus:device), or an SR-IOV VF and its PF: VFs sit at other device numbers of the same card."""
+    slots = {fn.address[:-1], (fn.physfn or "")[:-1]}
+    return primary.address[:-1] in slots or (primary.physfn or "")[:-1] in slots - {""}
 
 
 def blocks_group(fn: PciFunction) -> bool:
@@ -147,11 +153,24 @@ def blocks_group(fn: PciFunction) -> bool:
     return not (fn.driver == "pcieport" and stays_on_host(fn))
 
 
-def blocker_reason(fn: PciFunction) -> str:
+def blocker_reason(fn: PciFunction, vfs: tuple[str, ...] = ()) -> str:
+    """Why this function makes its group not viable, and the fix; `vfs`: its SR-IOV VFs in the same group."""
+    if vfs:
+        return (
+            f"{describe(fn)} is the SR-IOV physical function of {', '.join(vfs)} in this group, on {fn.driver or 'no driver'}: "
+            "a VF cannot be assigned while it shares its IOMMU group with a PF the host uses. Do not unbind the PF: that "
+            "destroys every VF and takes the host's device (its network) down. Use a platform or slot whose ACS puts each "
+            "VF in its own IOMMU group"
+        )
     return (
         f"{describe(fn)} is bound to host driver {fn.driver}: the group is not viable until it is bound "
         f"to vfio-pci ({bind_hint(fn.address)})"
     )
+
+
+def vfs_of(fn: PciFunction, functions: tuple[PciFunction, ...]) -> tuple[str, ...]:
+    """The SR-IOV virtual functions of `fn` among `functions` (a PF with VFs must never be unbound)."""
+    return tuple(f.address for f in functions if f.physfn == fn.address)
 
 
 def pick_primary(functions: tuple[PciFunction, ...]) -> PciFunction | None:
@@ -183,7 +202,7 @@ def _naming(primary: PciFunction, rule: Rule | None, config: Config, db: PciIds)
 
 def _group_reasons(group: str, functions: tuple[PciFunction, ...], unreadable: list[FunctionProblem], snapshot: NodeSnapshot) -> list[str]:
     """Why no device of this group can be used (empty: the group itself is fine)."""
-    reasons = [blocker_reason(fn) for fn in functions if blocks_group(fn)]
+    reasons = [blocker_reason(fn, vfs_of(fn, functions)) for fn in functions if blocks_group(fn)]
     reasons += [f"{p.address} in this group could not be read ({p.reason}), so the group cannot be checked" for p in unreadable]
     if reasons:
         return reasons

@@ -17,7 +17,7 @@ from dataclasses import asdict, dataclass
 
 from deviceplugin.discovery import Device, GroupReport, Inventory, class_name, describe, foreign_functions
 from deviceplugin.dra.options import DEFAULT_DRIVER, DEFAULT_REGISTRY_DIR, registration_socket_name
-from deviceplugin.naming import MAX_SOCKET_PATH, SOCKET_PREFIX, resource_name_error, socket_name
+from deviceplugin.naming import MAX_SOCKET_PATH, NAMINGS, SOCKET_PREFIX, PciIds, auto_name, resource_name_error, socket_name
 from deviceplugin.pool import Holdings
 from deviceplugin.registration import KUBELET_SOCKET
 from deviceplugin.sysfs import ADDRESS_RE, is_vfio_driver
@@ -38,10 +38,10 @@ class Node:
     """What the checks read besides the inventory."""
 
     cmdline: str | None
-    cpu_vendor: str  # "intel", "amd" or ""
+    cpu_vendor: str  # "intel", "amd", "arm" or ""
     plugin_dir: str
     plugin_sockets: list[str] | None  # None: the directory cannot be read
-    vfio_driver_dir: bool  # bus/pci/drivers/vfio-pci exists (vfio-pci may be built in)
+    vfio_drivers: tuple[str, ...]  # vfio drivers in bus/pci/drivers: vfio-pci (maybe built in) and variants
     registry_dir: str = DEFAULT_REGISTRY_DIR
     registry_sockets: list[str] | None = None  # the kubelet's plugins_registry; None: cannot be read
     driver: str = DEFAULT_DRIVER
@@ -50,19 +50,31 @@ class Node:
 def read_node(args: argparse.Namespace) -> Node:
     cmdline = _read(os.path.join(args.proc_root, "cmdline"))
     cpuinfo = _read(os.path.join(args.proc_root, "cpuinfo")) or ""
-    vendor = "intel" if "GenuineIntel" in cpuinfo else "amd" if "AuthenticAMD" in cpuinfo else ""
+    vendor = cpu_vendor(cpuinfo)
     try:
         sockets: list[str] | None = sorted(os.listdir(args.device_plugin_dir))
     except OSError:
         sockets = None
-    driver_dir = os.path.isdir(os.path.join(args.sysfs_root, "bus", "pci", "drivers", "vfio-pci"))
+    try:
+        drivers = tuple(sorted(d for d in os.listdir(os.path.join(args.sysfs_root, "bus", "pci", "drivers")) if is_vfio_driver(d)))
+    except OSError:
+        drivers = ()
     registry_dir = getattr(args, "kubelet_registry_dir", DEFAULT_REGISTRY_DIR)
     try:
         registry: list[str] | None = sorted(os.listdir(registry_dir))
     except OSError:
         registry = None
     driver = getattr(args, "driver_name", DEFAULT_DRIVER)
-    return Node(cmdline, vendor, args.device_plugin_dir, sockets, driver_dir, registry_dir, registry, driver)
+    return Node(cmdline, vendor, args.device_plugin_dir, sockets, drivers, registry_dir, registry, driver)
+
+
+def cpu_vendor(cpuinfo: str) -> str:
+    """intel / amd from x86's vendor_id; arm from arm64's "CPU implementer" lines (no x86 kernel options there)."""
+    if "GenuineIntel" in cpuinfo:
+        return "intel"
+    if "AuthenticAMD" in cpuinfo:
+        return "amd"
+    return "arm" if "CPU implementer" in cpuinfo else ""
 
 
 def _read(path: str) -> str | None:
@@ -75,6 +87,8 @@ def _read(path: str) -> str | None:
 
 # --- host ---------------------------------------------------------------------------------------
 def iommu_fix(cpu_vendor: str) -> str:
+    if cpu_vendor == "arm":
+        return "enable the SMMU in the firmware (it is described by ACPI IORT or the device tree) and reboot"
     if cpu_vendor == "amd":
         return "enable IOMMU / AMD-Vi (and SVM) in the firmware setup; make sure amd_iommu=off is not on the kernel command line"
     if cpu_vendor == "intel":
@@ -91,16 +105,29 @@ def host_checks(inv: Inventory, node: Node) -> Iterator[Check]:
         present = f"IOMMU hardware present ({', '.join(h.iommu_units)}) but " if h.iommu_units else ""
         yield Check("iommu", FAIL, f"{present}no IOMMU groups under /sys/kernel/iommu_groups: IOMMU is off", iommu_fix(node.cpu_vendor))
     yield from cmdline_checks(node)
-    missing = [m for m, loaded in h.modules.items() if not loaded and not (m == "vfio_pci" and node.vfio_driver_dir)]
-    if missing:
-        fix = f"modprobe {' '.join(m.replace('_', '-') for m in missing)}; persist with a file in /etc/modules-load.d/"
-        yield Check("vfio-modules", FAIL, f"not loaded: {', '.join(missing)}", fix)
-    else:
-        yield Check("vfio-modules", OK, "vfio, vfio_pci and vfio_iommu_type1 loaded")
+    yield module_check(inv, node)
     if h.vfio_container:
         yield Check("vfio-container", OK, "/dev/vfio/vfio present")
     else:
         yield Check("vfio-container", FAIL, "/dev/vfio/vfio missing", "load the vfio module; in a container, mount the host's /dev/vfio")
+
+
+def module_check(inv: Inventory, node: Node) -> Check:
+    """vfio, a vfio driver (vfio-pci, or a variant such as nvgrace_gpu_vfio_pci on its own), an IOMMU backend."""
+    h = inv.host
+    missing = []
+    if not h.modules.get("vfio"):
+        missing.append("vfio")
+    if not (h.modules.get("vfio_pci") or node.vfio_drivers):
+        missing.append("vfio_pci")
+    if not (h.modules.get("vfio_iommu_type1") or h.iommufd):  # iommufd serves the container interface too
+        missing.append("vfio_iommu_type1")
+    if missing:
+        fix = f"modprobe {' '.join(m.replace('_', '-') for m in missing)}; persist with a file in /etc/modules-load.d/"
+        return Check("vfio-modules", FAIL, f"not loaded: {', '.join(missing)}", fix)
+    drivers = ", ".join(node.vfio_drivers) or "vfio-pci"
+    backend = "vfio_iommu_type1" if h.modules.get("vfio_iommu_type1") else "iommufd"
+    return Check("vfio-modules", OK, f"vfio loaded; vfio drivers: {drivers}; IOMMU backend: {backend}")
 
 
 def _flag(cmdline: str, name: str) -> str | None:
@@ -113,6 +140,24 @@ def cmdline_checks(node: Node) -> Iterator[Check]:
         yield Check("cmdline", WARN, "cannot read /proc/cmdline", "run doctor with the host's /proc (--proc-root)")
         return
     cmd = node.cmdline.strip()
+    if node.cpu_vendor == "arm":
+        yield from _arm_cmdline_checks(cmd)
+        yield from _common_cmdline_checks(cmd)
+        return
+    yield from _x86_cmdline_checks(node, cmd)
+    yield from _common_cmdline_checks(cmd)
+
+
+def _arm_cmdline_checks(cmd: str) -> Iterator[Check]:
+    """arm64 has no intel_iommu/amd_iommu/iommu=pt: the SMMU is on when the firmware describes it."""
+    passthrough = _flag(cmd, "iommu.passthrough")
+    found = (
+        f"iommu.passthrough={passthrough}" if passthrough else "no IOMMU option needed on arm64 (the SMMU is on when the firmware has it)"
+    )
+    yield Check("cmdline.iommu", OK, found)
+
+
+def _x86_cmdline_checks(node: Node, cmd: str) -> Iterator[Check]:
     intel, amd = _flag(cmd, "intel_iommu"), _flag(cmd, "amd_iommu")
     if intel is not None and "off" in intel.split(","):
         yield Check("cmdline.iommu", FAIL, "intel_iommu=off on the kernel command line", "replace it with intel_iommu=on and reboot")
@@ -138,6 +183,9 @@ def cmdline_checks(node: Node) -> Iterator[Check]:
             "iommu=pt not set (recommended: host devices keep full DMA speed)",
             "add iommu=pt to the kernel command line",
         )
+
+
+def _common_cmdline_checks(cmd: str) -> Iterator[Check]:
     ids = _flag(cmd, "vfio-pci.ids") or _flag(cmd, "vfio_pci.ids")
     yield Check("cmdline.vfio_pci_ids", OK, f"vfio-pci.ids={ids}" if ids else "vfio-pci.ids not set (devices are bound at runtime)")
     acs = _flag(cmd, "pcie_acs_override")
@@ -227,28 +275,76 @@ def _norm(text: str) -> str:
     return re.sub(r"[^a-z0-9]", "", text.lower())
 
 
-def conflict_checks(inv: Inventory, node: Node) -> Iterator[Check]:
+def _aliases(inv: Inventory, db: PciIds) -> dict[str, set[tuple[str, str]]]:
+    """Every name another plugin could publish one of our devices under -> (our resource, device id).
+
+    Our own name, the short and full pci.ids names (NVIDIA's plugin and Harvester use the full one) and
+    the bare device id (the fallback when pci.ids does not know it), normalized for comparing.
+    """
+    out: dict[str, set[tuple[str, str]]] = {}
+    for resource, devices in inv.devices.items():
+        for d in devices:
+            if d.role:
+                continue
+            vendor, _, device = d.ids.partition(":")
+            parts = {resource.split("/", 1)[1], device}
+            parts |= {auto_name(vendor, device, db, style).resource.split("/", 1)[1] for style in NAMINGS}
+            for part in parts:
+                out.setdefault(_norm(part), set()).add((resource, d.id))
+    return out
+
+
+def conflict_checks(inv: Inventory, node: Node, db: PciIds | None = None, holdings: Holdings | None = None) -> Iterator[Check]:
+    """Another plugin serving any naming of our devices: the same GPU advertised twice, two VMs for one group."""
+    aliases = _aliases(inv, db or PciIds())
+    found = False
     if node.plugin_sockets is None:
         yield Check("conflicts", WARN, f"cannot read {node.plugin_dir}", "run doctor where the kubelet's device-plugin dir is mounted")
-        return
-    foreign = [s for s in node.plugin_sockets if s != KUBELET_SOCKET and not s.startswith(SOCKET_PREFIX)]
-    found = False
-    for resource in inv.devices:
-        full, part = _norm(resource), _norm(resource.split("/", 1)[1])
-        for sock in foreign:
+    else:
+        for sock in node.plugin_sockets:
+            if sock == KUBELET_SOCKET or sock.startswith(SOCKET_PREFIX):
+                continue
             stem = _norm(sock.removesuffix(".sock"))
-            if stem.endswith(full) or stem.endswith(part):
+            for alias, ours in aliases.items():
+                if stem.endswith(alias):
+                    found = True
+                    yield _twice(f"{sock} in {node.plugin_dir} looks like another plugin serving", ours)
+    if holdings is not None and holdings.ok:
+        for resource, ids in sorted(_kubelet_resources(holdings).items()):
+            if resource in inv.devices:
+                continue
+            ours = aliases.get(_norm(resource.split("/", 1)[-1]), set()) | {(r, d) for r, d in _our_ids(inv) if d in ids}
+            if ours:
                 found = True
-                yield Check(
-                    f"conflict.{resource}",
-                    FAIL,
-                    f"{sock} in {node.plugin_dir} looks like another plugin publishing {resource}: "
-                    "the kubelet flips between the two registrations",
-                    "remove the resource from the other plugin (for KubeVirt: externalResourceProvider: true in "
-                    "permittedHostDevices; uninstall NVIDIA's kubevirt-gpu-device-plugin / Harvester's PCI plugin for it)",
-                )
+                yield _twice(f"the kubelet has {resource} registered (by another plugin, or by this one under an old name) for", ours)
     if not found:
-        yield Check("conflicts", OK, f"no other plugin socket in {node.plugin_dir} publishes our resources")
+        yield Check("conflicts", OK, "no other plugin publishes our devices under any of their names")
+
+
+def _kubelet_resources(holdings: Holdings) -> dict[str, set[str]]:
+    """resource -> device IDs the kubelet knows: its allocatable ones and the ones pods hold."""
+    out: dict[str, set[str]] = {r: set(ids) for r, ids in (holdings.allocatable or {}).items()}
+    for resource, device_id in holdings.devices:
+        out.setdefault(resource, set()).add(device_id)
+    return out
+
+
+def _our_ids(inv: Inventory) -> set[tuple[str, str]]:
+    return {(r, d.id) for r, devices in inv.devices.items() for d in devices if not d.role}
+
+
+def _twice(what: str, ours: set[tuple[str, str]]) -> Check:
+    resources = sorted({r for r, _ in ours})
+    devices = ", ".join(sorted({d for _, d in ours}))
+    return Check(
+        f"conflict.{resources[0]}",
+        FAIL,
+        f"{what} {', '.join(resources)} ({devices}): the device is advertised twice, so the kubelet can give one "
+        "GPU to two pods (the second VM fails to open its IOMMU group) and flips between the registrations",
+        "remove the device from the other plugin (for KubeVirt: externalResourceProvider: true in permittedHostDevices; "
+        "uninstall NVIDIA's kubevirt-gpu-device-plugin / Harvester's PCI plugin for it), or pin this plugin's name to the "
+        "old one with a config rule if it is this plugin under an old name",
+    )
 
 
 # --- holders (PodResources) ----------------------------------------------------------------------
@@ -352,13 +448,13 @@ def summary_checks(inv: Inventory) -> Iterator[Check]:
         yield Check("offered", WARN, "this node offers no device", "see the group checks above for why")
 
 
-def run_checks(inv: Inventory, node: Node, holdings: Holdings | None = None) -> list[Check]:
+def run_checks(inv: Inventory, node: Node, holdings: Holdings | None = None, db: PciIds | None = None) -> list[Check]:
     checks = list(host_checks(inv, node))
     for g in inv.groups:
         if _is_candidate(g):
             checks.extend(group_checks(g))
     checks.extend(resource_checks(inv, node))
-    checks.extend(conflict_checks(inv, node))
+    checks.extend(conflict_checks(inv, node, db, holdings))
     if holdings is not None:
         checks.extend(holder_checks(inv, holdings))
     checks.extend(mode_checks(node))
@@ -378,8 +474,8 @@ def render(checks: list[Check]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def run_doctor(args: argparse.Namespace, inv: Inventory, holdings: Holdings | None = None) -> int:
-    checks = run_checks(inv, read_node(args), holdings)
+def run_doctor(args: argparse.Namespace, inv: Inventory, holdings: Holdings | None = None, db: PciIds | None = None) -> int:
+    checks = run_checks(inv, read_node(args), holdings, db)
     failed = any(c.verdict == FAIL for c in checks)
     if args.json:
         counts = {v: sum(1 for c in checks if c.verdict == v) for v in (OK, WARN, FAIL)}

@@ -54,6 +54,7 @@ def inventory_json(inv: Inventory, pci_ids: PciIds, naming: str, holdings: Holdi
             "vfio_container": inv.host.vfio_container,
             "iommufd": inv.host.iommufd,
             "pci_ids": pci_ids.path,
+            "pci_ids_version": pci_ids.version,
             "naming": naming,
             "notes": list(inv.notes),
         },
@@ -118,7 +119,12 @@ def inventory_text(inv: Inventory, pci_ids: PciIds, naming: str, holdings: Holdi
         f"{'; ' + ', '.join(h.iommu_units) if h.iommu_units else ''}); "
         + ", ".join(f"{m} {_yes(v)}" for m, v in h.modules.items())
         + f"; /dev/vfio/vfio {_yes(h.vfio_container)}",
-        f"Names: {naming} naming from {pci_ids.path or 'no pci.ids database (names fall back to device ids)'}",
+        f"Names: {naming} naming from "
+        + (
+            f"{pci_ids.path} (version {pci_ids.version or 'unknown'})"
+            if pci_ids.path
+            else "no pci.ids database (names fall back to device ids)"
+        ),
     ]
     lines += [f"NOTE: {n}" for n in inv.notes]
     if not holdings.ok:

@@ -33,6 +33,7 @@ class PciFunction:
     numa_node: int = -1
     boot_vga: bool = False
     vfio_cdev: str | None = None  # "vfio3" when the kernel exposes /dev/vfio/devices/vfio3 (iommufd)
+    physfn: str | None = None  # an SR-IOV virtual function: the address of its physical function
 
     @property
     def ids(self) -> str:
@@ -86,6 +87,7 @@ class _Static:
     numa_node: int
     boot_vga: bool
     iommu_group: str | None  # fixed for as long as the device stays plugged in
+    physfn: str | None  # a VF's PF never changes while the VF exists
 
 
 @dataclass(frozen=True, slots=True)
@@ -259,6 +261,7 @@ class SysfsScanner:
             numa_node=static.numa_node,
             boot_vga=static.boot_vga,
             vfio_cdev=cdev,
+            physfn=static.physfn,
         )
 
     def _host(self, group_count: int) -> HostInfo:
@@ -338,7 +341,9 @@ def _finish_static(
         return FunctionProblem(address, f"garbled numa_node {numa_raw!r}")
     boot_vga = class_code.startswith("03") and read_attr("boot_vga", dir_fd) == "1"
     group = _link_name("iommu_group", dir_fd)
-    return _Static(vendor, device, class_code, sub_vendor, sub_device, max(numa, -1), boot_vga, group)
+    physfn = _link_name("physfn", dir_fd)
+    pf = physfn if physfn is not None and ADDRESS_RE.match(physfn) else None
+    return _Static(vendor, device, class_code, sub_vendor, sub_device, max(numa, -1), boot_vga, group, pf)
 
 
 def parse_address(text: str) -> str | None:

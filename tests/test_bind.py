@@ -345,3 +345,17 @@ def test_serve_offers_a_group_within_a_rescan_of_its_bind(node, pci_ids):
         h.wait_devices("nvidia.com/GA104", {GPU: "Healthy"}, timeout=5)  # no restart
     finally:
         h.close()
+
+
+def test_bind_never_unbinds_an_sriov_pf_that_has_vfs(tmp_path):
+    node = FakeNode(tmp_path).host()
+    (node.sys / "bus" / "pci" / "drivers" / "vfio-pci").mkdir(parents=True, exist_ok=True)
+    node.add(Fn("0000:3b:00.0", "8086", "1572", "020000", "i40e", "40"))
+    node.add(Fn("0000:3b:02.0", "8086", "154c", "020000", "iavf", "40", physfn="0000:3b:00.0"))
+    kernel = FakeKernel(node)
+    before = tree_of(node.root)
+    report = do(kernel, "0000:3b:02.0")
+    assert report.outcome == "refused"
+    (check,) = [c for c in report.groups[0].plan.checks if not c.ok]
+    assert check.name == "sriov-pf" and "Do not unbind the PF" in check.detail and check.override == ""
+    assert tree_of(node.root) == before and kernel.writes == []

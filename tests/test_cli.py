@@ -9,7 +9,7 @@ import sys
 
 from conftest import PCI_IDS_PATH, tree_of
 
-from deviceplugin.sim.node import gpu
+from deviceplugin.sim.node import Fn, gpu
 
 CLI = [sys.executable, "-m", "deviceplugin"]
 
@@ -229,3 +229,28 @@ def test_bind_defaults_are_the_real_paths():
     args = build_parser().parse_args(["bind", "0000:01:00.0"])
     assert (args.sysfs_root, args.dev_root, args.proc_root, args.timeout, args.dry_run) == ("/sys", "/dev", "/proc", 10.0, False)
     assert build_parser().parse_args(["release", "--timeout", "0.5", "0000:01:00.0"]).timeout == 0.5
+
+
+# --- pci.ids: a current copy ships with the package ------------------------------------------------------
+def test_an_h200_is_named_from_the_bundled_pci_ids(node):
+    node.add(Fn("0000:19:00.0", "10de", "2335", "030200", "vfio-pci", "30"))
+    node.sync_devnode("30")
+    doc = json.loads(run("inspect", "--json", *node.cli_args()).stdout)  # no --pci-ids: the newest copy found
+    assert doc["resources"]["nvidia.com/GH100"] == ["0000:19:00.0"]
+    assert doc["host"]["pci_ids"].endswith("deviceplugin/data/pci.ids") and doc["host"]["pci_ids_version"] == "2026.10.24"
+    full = json.loads(run("inspect", "--json", "--naming", "full", *node.cli_args()).stdout)
+    assert full["resources"]["nvidia.com/GH100_H200_SXM_141GB"] == ["0000:19:00.0"]
+    assert "(version 2026.10.24)" in run("inspect", *node.cli_args()).stdout
+
+
+def test_the_newest_pci_ids_wins_unless_one_is_named(tmp_path, monkeypatch):
+    from deviceplugin import naming
+
+    old, new = tmp_path / "old.ids", tmp_path / "new.ids"
+    old.write_text("#\tVersion: 2023.04.11\n10de  NVIDIA Corporation\n\t2335  old name\n")
+    new.write_text("#\tVersion: 2099.01.01\n10de  NVIDIA Corporation\n\t2335  GH100 [H200 SXM 141GB]\n")
+    monkeypatch.setattr(naming, "PCI_IDS_PATHS", (str(old), str(new)))
+    assert naming.load_pci_ids().path == str(new)  # newer than the bundled copy too
+    monkeypatch.setattr(naming, "PCI_IDS_PATHS", (str(old),))
+    assert naming.load_pci_ids().path == naming.BUNDLED_PCI_IDS  # the bundled 2026 copy beats a stale system one
+    assert naming.load_pci_ids(str(old)).device_name("10de", "2335") == "old name"  # --pci-ids always wins

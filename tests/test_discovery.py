@@ -418,3 +418,29 @@ def test_companion_names_stay_valid_when_the_base_is_long(node, pci_ids):
     inv = inventory_of(node, pci_ids, parse_config({"rules": [{"device": "2484", "resource": "nvidia.com/" + "A" * 63}]}))
     (name,) = [r for r in inv.devices if r.endswith("_AUDIO")]
     assert name == "nvidia.com/" + "A" * 57 + "_AUDIO"
+
+
+# --- SR-IOV: a VF that shares its group with its PF --------------------------------------------------
+def x710_with_vfs(node: FakeNode) -> None:
+    node.add(Fn("0000:3b:00.0", "8086", "1572", "020000", "i40e", "40"))
+    node.add(Fn("0000:3b:02.0", "8086", "154c", "020000", "vfio-pci", "40", physfn="0000:3b:00.0"))
+    node.add(Fn("0000:3b:02.1", "8086", "154c", "020000", "iavf", "40", physfn="0000:3b:00.0"))
+
+
+def test_a_vf_sharing_its_group_with_a_pf_in_use_is_explained_never_unbind_the_pf(node, pci_ids):
+    x710_with_vfs(node)
+    inv = inventory_of(node, pci_ids, parse_config({"rules": [{"vendor": "8086", "device": "154c"}]}))
+    assert offered(inv) == {}
+    text = " ".join(group(inv, "40").reasons)
+    assert "0000:3b:00.0 (8086:1572 Ethernet) is the SR-IOV physical function of 0000:3b:02.0, 0000:3b:02.1" in text
+    assert "Do not unbind the PF" in text
+    assert "bind 0000:3b:00.0" not in text  # the destructive advice of before
+    # the VF still on iavf is an ordinary blocker with the ordinary fix
+    assert "0000:3b:02.1 (8086:154c Ethernet) is bound to host driver iavf" in text and "bind 0000:3b:02.1" in text
+
+
+def test_vfs_read_their_pf_from_sysfs(node, pci_ids):
+    x710_with_vfs(node)
+    fns = {fn.address: fn for fn in SysfsScanner(str(node.sys), str(node.dev)).scan().functions}
+    assert fns["0000:3b:02.0"].physfn == "0000:3b:00.0" and fns["0000:3b:00.0"].physfn is None
+    assert os.readlink(node.device_dir("0000:3b:00.0") / "virtfn1").endswith("0000:3b:02.1")

@@ -13,10 +13,11 @@ from conftest import PCI_IDS_PATH, inventory_of
 
 from deviceplugin.config import parse_config
 from deviceplugin.doctor import FAIL, OK, WARN, read_node, run_checks
+from deviceplugin.pool import Holdings
 from deviceplugin.sim.node import FakeNode, Fn, gpu
 
 
-def checks_of(node: FakeNode, pci_ids, config=None, cpu: str = "GenuineIntel") -> dict[str, tuple[str, str, str]]:
+def checks_of(node: FakeNode, pci_ids, config=None, cpu: str = "GenuineIntel", holdings=None) -> dict[str, tuple[str, str, str]]:
     (node.proc / "cpuinfo").write_text(f"vendor_id\t: {cpu}\n")
     args = argparse.Namespace(
         proc_root=str(node.proc),
@@ -25,7 +26,7 @@ def checks_of(node: FakeNode, pci_ids, config=None, cpu: str = "GenuineIntel") -
         kubelet_registry_dir=str(node.root / "registry"),
         driver_name="vfio-device-plugin.github.io",
     )
-    checks = run_checks(inventory_of(node, pci_ids, config), read_node(args))
+    checks = run_checks(inventory_of(node, pci_ids, config), read_node(args), holdings, pci_ids)
     return {c.id: (c.verdict, c.found, c.fix) for c in checks}
 
 
@@ -135,6 +136,35 @@ def test_another_plugin_publishing_our_resource_fails(node, pci_ids, naming, soc
     assert "externalResourceProvider: true" in conflict[2]
 
 
+@pytest.mark.parametrize(
+    ("naming", "socket"),
+    [
+        ("short", "kubevirt-GA104_GEFORCE_RTX_3070.sock"),  # NVIDIA's plugin, full names, while we use short ones
+        ("full", "kubevirt-GA104.sock"),
+        ("short", "kubevirt-2484.sock"),  # its fallback when pci.ids does not know the id
+    ],
+)
+def test_another_plugin_under_any_naming_of_our_device_fails(node, pci_ids, naming, socket):
+    node.add_all(gpu("0000:01:00.0", "2484", "228b", "13"))
+    (node.plugins / socket).touch()
+    checks = checks_of(node, pci_ids, parse_config({"naming": naming}))
+    conflict = next(v for k, v in checks.items() if k.startswith("conflict."))
+    assert conflict[0] == FAIL and socket in conflict[1] and "0000:01:00.0" in conflict[1] and "advertised twice" in conflict[1]
+    assert "conflicts" not in checks
+
+
+def test_the_kubelet_holding_our_gpu_under_another_name_fails(node, pci_ids):
+    node.add_all(gpu("0000:01:00.0", "2484", "228b", "13"))
+    registered = Holdings(
+        ok=True, allocatable={"nvidia.com/GA104": frozenset({"0000:01:00.0"}), "nvidia.com/GA104_GEFORCE_RTX_3070": frozenset({"7"})}
+    )
+    conflict = checks_of(node, pci_ids, holdings=registered)["conflict.nvidia.com/GA104"]
+    assert conflict[0] == FAIL and "the kubelet has nvidia.com/GA104_GEFORCE_RTX_3070 registered" in conflict[1]
+    # an unrelated resource and our own names are no conflict
+    fine = Holdings(ok=True, allocatable={"nvidia.com/GA104": frozenset({"0000:01:00.0"}), "intel.com/qat": frozenset({"x"})})
+    assert checks_of(node, pci_ids, holdings=fine)["conflicts"][0] == OK
+
+
 def test_socket_path_over_the_limit_fails(tmp_path, pci_ids):
     node = FakeNode(tmp_path).host()
     node.add_all(gpu("0000:01:00.0", "2484", "228b", "13"))
@@ -181,3 +211,37 @@ def test_both_modes_active_on_one_node_fails(node, pci_ids):
     (node.plugins / "vfio-dp-nvidia.com-GA104.sock").touch()
     cli = run_doctor(node, "--json", f"--kubelet-registry-dir={registry}")
     assert next(c for c in json.loads(cli.stdout)["checks"] if c["id"] == "mode")["verdict"] == "fail"
+
+
+ARM64_CPUINFO = "processor\t: 0\nBogoMIPS\t: 2000.00\nFeatures\t: fp asimd sve2\nCPU implementer\t: 0x41\nCPU architecture: 8\n"
+
+
+def test_a_gh200_on_a_vfio_variant_driver_alone_passes_without_x86_advice(tmp_path, pci_ids):
+    """Grace Hopper: the GPU on nvgrace_gpu_vfio_pci, no vfio_pci module, an arm64 kernel command line."""
+    node = FakeNode(tmp_path).host(cmdline="BOOT_IMAGE=/vmlinuz-6.8.0-nvidia-64k root=/dev/nvme0n1p2 ro")
+    os.rmdir(node.sys / "module" / "vfio_pci")
+    node.add(Fn("0009:01:00.0", "10de", "2342", "030200", "nvgrace_gpu_vfio_pci", "40"))
+    node.sync_devnode("40")
+    (node.proc / "cpuinfo").write_text(ARM64_CPUINFO)
+    args = argparse.Namespace(
+        proc_root=str(node.proc),
+        device_plugin_dir=str(node.plugins),
+        sysfs_root=str(node.sys),
+        kubelet_registry_dir=str(node.root / "registry"),
+        driver_name="vfio-device-plugin.github.io",
+    )
+    checks = {c.id: c for c in run_checks(inventory_of(node, pci_ids), read_node(args))}
+    assert {cid: c.verdict for cid, c in checks.items() if c.verdict == FAIL} == {}
+    assert "nvgrace_gpu_vfio_pci" in checks["vfio-modules"].found
+    advice = " ".join(c.found + c.fix for c in checks.values())
+    for x86_only in ("intel_iommu", "iommu=pt", "amd_iommu", "VT-d"):
+        assert x86_only not in advice, x86_only
+    assert checks["group.40"].verdict == OK
+
+
+def test_arm64_with_the_iommu_off_gets_arm_advice(tmp_path, pci_ids):
+    node = FakeNode(tmp_path).host(iommu=None, cmdline="BOOT_IMAGE=/vmlinuz")
+    (node.proc / "cpuinfo").write_text(ARM64_CPUINFO)
+    args = argparse.Namespace(proc_root=str(node.proc), device_plugin_dir=str(node.plugins), sysfs_root=str(node.sys))
+    checks = {c.id: c for c in run_checks(inventory_of(node, pci_ids), read_node(args))}
+    assert checks["iommu"].verdict == FAIL and "SMMU" in checks["iommu"].fix and "intel_iommu" not in checks["iommu"].fix

@@ -141,6 +141,14 @@ def test_preferred_allocation_of_single_device_groups(available, must, size, num
     assert preferred_allocation(available, must, size, singles(numa)) == expected
 
 
+def test_preferred_allocation_offers_only_its_own_devices_among_20000_ids():
+    """The kubelet's `available` may carry IDs this resource never published; they are never preferred."""
+    ours = {f"0000:{b:02x}:00.0": (str(b), b % 2) for b in range(8)}
+    foreign = [f"GPU-{i:05d}" for i in range(20_000)]
+    result = preferred_allocation([*foreign, *ours], [], 4, ours)
+    assert result == ["0000:00:00.0", "0000:02:00.0", "0000:04:00.0", "0000:06:00.0"]  # one NUMA node, own IDs only
+
+
 # Two 2-GPU groups (g1 on NUMA 0, g2 on NUMA 1) and four single-GPU groups (s1, s2 on NUMA 0; s3, s4 on NUMA 1).
 GROUPS = {
     "a1": ("g1", 0),

@@ -49,6 +49,7 @@ class Fn:
     group: str | None = None
     numa_node: int = -1
     boot_vga: bool | None = None
+    physfn: str | None = None  # an SR-IOV VF: its PF's address (sysfs links physfn and the PF's virtfnN)
 
 
 class FakeNode:
@@ -102,8 +103,17 @@ class FakeNode:
         _link(self.sys / "bus" / "pci" / "devices" / fn.address, d)
         if fn.group is not None:
             self.set_group(fn.address, fn.group)
+        if fn.physfn is not None:
+            self.link_vf(fn.physfn, fn.address)
         self.bind(fn.address, fn.driver, devnode=devnode)
         return self
+
+    def link_vf(self, pf: str, vf: str) -> None:
+        """The links the kernel makes for an SR-IOV VF: VF/physfn -> PF, PF/virtfnN -> VF."""
+        pf_dir, vf_dir = self.device_dir(pf), self.device_dir(vf)
+        _link(vf_dir / "physfn", pf_dir)
+        n = sum(1 for p in pf_dir.iterdir() if p.name.startswith("virtfn"))
+        _link(pf_dir / f"virtfn{n}", vf_dir)
 
     def add_all(self, fns: list[Fn]) -> FakeNode:
         for fn in fns:
