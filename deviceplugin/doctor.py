@@ -212,7 +212,8 @@ def group_checks(g: GroupReport) -> Iterator[Check]:
     what = f"group {g.id}: {describe(primary)}" if primary else f"group {g.id}"
     on_vfio = [fn for fn in g.functions if is_vfio_driver(fn.driver)]
     if g.offered:
-        yield Check(cid, OK, f"{what} offered as {g.resource}, device ID {g.primary}")
+        ids = f"device IDs {', '.join(g.devices)}" if len(g.devices) > 1 else f"device ID {g.primary}"
+        yield Check(cid, OK, f"{what} offered as {g.resource}, {ids}")
     elif g.reasons and g.reasons[0].startswith("excluded by"):
         yield Check(cid, OK, f"{what} not offered: {g.reasons[0]}")
     elif not on_vfio:
@@ -226,7 +227,13 @@ def group_checks(g: GroupReport) -> Iterator[Check]:
         yield Check(cid, WARN, f"{what} is bound to vfio-pci but not offered", "; ".join(g.reasons))
     else:
         yield Check(cid, FAIL, f"{what} is not offered (a VM asking for it would fail)", "; ".join(g.reasons))
-    others = foreign_functions(g.functions, primary) if primary else []
+    yield from _multi_gpu_check(g)
+    gpus = [fn for fn in g.functions if fn.address in g.devices]
+    others = (
+        [fn for fn in foreign_functions(g.functions, primary) if not any(fn.address[:-1] == d.address[:-1] for d in gpus)]
+        if primary
+        else []
+    )
     if others:
         listed = ", ".join(f"{fn.address} ({class_name(fn.class_code)}, {fn.driver or 'no driver'})" for fn in others)
         yield Check(
@@ -244,6 +251,17 @@ def group_checks(g: GroupReport) -> Iterator[Check]:
                 f"{fn.address} is the boot VGA device and is bound to vfio-pci: the host console loses its display",
                 "use another GPU (or the iGPU) as the primary display in the firmware, or accept a headless host",
             )
+
+
+def _multi_gpu_check(g: GroupReport) -> Iterator[Check]:
+    if len(g.devices) > 1:
+        yield Check(
+            f"group.{g.id}.gpus",
+            WARN,
+            f"IOMMU group {g.id} holds {len(g.devices)} GPUs ({', '.join(g.devices)}): each is offered, but the group can be "
+            "opened by one VM only, so a pod that gets some of them holds the others back (they turn Unhealthy until it is gone)",
+            "ask for all of them in one VM to use them together; a switch or slot with ACS isolation would split the group",
+        )
 
 
 def resource_checks(inv: Inventory, node: Node) -> Iterator[Check]:

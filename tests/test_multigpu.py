@@ -105,3 +105,25 @@ def test_a_synthetic_switch_with_four_gpus_counts_four_and_prefers_it_whole(node
         assert group_nodes(response) == ["/dev/vfio/40"]
     finally:
         h.close()
+
+
+def test_doctor_and_inspect_explain_a_multi_gpu_group(node, pci_ids):
+    import argparse
+
+    from conftest import inventory_of
+
+    from deviceplugin.doctor import WARN, read_node, run_checks
+    from deviceplugin.report import inventory_text
+
+    listing = parse_listing(layout_path("09-hgx-h100-8gpu-nvswitch.txt").read_text(encoding="utf-8"))
+    build(node, listing, set(GROUPS))
+    inv = inventory_of(node, pci_ids)
+    args = argparse.Namespace(proc_root=str(node.proc), device_plugin_dir=str(node.plugins), sysfs_root=str(node.sys))
+    checks = {c.id: c for c in run_checks(inv, read_node(args))}
+    assert checks["group.29.gpus"].verdict == WARN and "holds 2 GPUs (0000:11:00.0, 0000:12:00.0)" in checks["group.29.gpus"].found
+    assert "ACS" in checks["group.29.gpus"].fix and "group.29.isolation" not in checks  # a mate is no foreign device
+    assert "group.17.gpus" not in checks
+    assert "device IDs 0000:11:00.0, 0000:12:00.0" in checks["group.29"].found
+    text = inventory_text(inv, pci_ids, "short")
+    assert "IOMMU group 29: OFFERED as nvidia.com/GH100, device IDs 0000:11:00.0, 0000:12:00.0" in text
+    assert "note: IOMMU group 29 holds 2 GPUs" in text
