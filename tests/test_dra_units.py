@@ -113,3 +113,75 @@ def test_a_garbled_checkpoint_is_ignored_not_fatal(tmp_path):
     path = tmp_path / "checkpoint.json"
     path.write_text("{not json")
     assert checkpoint.read(str(path)) == {}
+
+
+@pytest.fixture
+def hung_api_server(tmp_path):
+    """An "API server" that accepts TCP connections and never answers: every client call waits for its timeout."""
+    import socket
+    import threading
+
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(64)
+    held, stop = [], threading.Event()
+
+    def accept() -> None:
+        server.settimeout(0.1)
+        while not stop.is_set():
+            try:
+                held.append(server.accept()[0])
+            except TimeoutError:
+                continue
+
+    thread = threading.Thread(target=accept, daemon=True)
+    thread.start()
+    kubeconfig = tmp_path / "kubeconfig"
+    kubeconfig.write_text(
+        "apiVersion: v1\nkind: Config\ncurrent-context: hung\n"
+        f"clusters: [{{name: hung, cluster: {{server: 'https://127.0.0.1:{server.getsockname()[1]}', insecure-skip-tls-verify: true}}}}]\n"
+        "users: [{name: u, user: {token: t}}]\ncontexts: [{name: hung, context: {cluster: hung, user: u}}]\n"
+    )
+    yield str(kubeconfig)
+    stop.set()
+    thread.join()
+    for conn in held:
+        conn.close()
+    server.close()
+
+
+def test_a_hung_api_server_never_holds_up_the_health_loop(node, pci_ids, hung_api_server):
+    """The publisher waits for the API server on its own thread; the pool keeps following the node."""
+    import os
+    import threading
+
+    from conftest import wait
+
+    from deviceplugin.config import Config
+    from deviceplugin.daemon import Daemon, Options
+    from deviceplugin.dra.options import DraOptions
+    from deviceplugin.dra.run import dra_frontend_factory
+
+    node.add_all(gpu("0000:01:00.0", "2484", "228b", "13"))
+    dra = DraOptions(
+        node="n1",
+        kubeconfig=hung_api_server,
+        plugins_dir=str(node.root / "plugins"),
+        registry_dir=str(node.root / "registry"),
+        cdi_dir=str(node.root / "cdi"),
+        sysfs_root=str(node.sys),
+    )
+    options = Options(str(node.sys), str(node.dev), str(node.proc), str(node.plugins), 3600)
+    daemon = Daemon(options, Config(), pci_ids, make_frontend=dra_frontend_factory(dra))
+    stop = threading.Event()
+    thread = threading.Thread(target=daemon.run, args=(stop,), daemon=True)
+    thread.start()
+    try:
+        wait(lambda: daemon.pool.devices("nvidia.com/GA104")[1], 3, "the first scan")
+        os.unlink(node.dev / "vfio" / "13")  # an inotify event: the loop must not be stuck in an API call
+        wait(lambda: not daemon.pool.devices("nvidia.com/GA104")[1][0].healthy, 3, "the event to reach the pool")
+        assert not daemon.health()[0]  # nothing published yet, and it says so
+    finally:
+        stop.set()
+        daemon.notify("stop")
+        thread.join(timeout=15)

@@ -1,8 +1,10 @@
 """`serve --mode dra`: the daemon's second front end, offering the pool's IOMMU groups through DRA.
 
 Runs on the daemon's control thread like the device-plugin front end: every reconcile ends in `sync`,
-which rebuilds the DRA view from the pool (one device per group, withdrawn while unhealthy) and lets the
-publisher bring the ResourceSlices in line. Its own events come through `handle`: "slices" (the watcher
+which rebuilds the DRA view from the pool (one device per group, withdrawn while unhealthy) and asks the
+publisher to bring the ResourceSlices in line. The publisher works on a thread of its own: an API server
+that is slow or hung (every call may wait for its timeout) must never hold up the health loop, and
+requests made meanwhile coalesce into one sync of the latest view. Its own events come through `handle`: "slices" (the watcher
 saw our slices change, e.g. the kubelet wiped them), "registered" (the kubelet confirmed a registration,
 after which it may have wiped them too), and the inotify events of the registry and plugin directories
 (our sockets deleted: serve them again). The kubelet's gRPC calls run in the servers' threads and only
@@ -64,6 +66,10 @@ class DraFrontend:
         )
         self._lock = threading.Lock()
         self.socket_errors: dict[str, str] = {}  # socket path -> why it is not served
+        self._publish = threading.Condition()
+        self._wanted: tuple[list[DraDevice], bool] | None = None  # (devices, compare with the API server first)
+        self._stopping = False
+        self._publisher_thread = threading.Thread(target=self._publish_loop, name="dra-slices", daemon=True)
 
     # --- Frontend -------------------------------------------------------------------------------
     def watch_dirs(self) -> dict[str, str]:
@@ -74,6 +80,7 @@ class DraFrontend:
             os.makedirs(path, exist_ok=True)
         # dra.sock first: the kubelet dials the endpoint as soon as GetInfo has named it.
         self._serve_missing()
+        self._publisher_thread.start()
         self.watcher.start()
         log.info(
             "DRA driver %s on node %s: plugin socket %s, registration socket %s, CDI specs in %s",
@@ -87,20 +94,46 @@ class DraFrontend:
     def sync(self) -> None:
         self._refresh_view()
         self._serve_missing()
-        self.publisher.sync(list(self.view.values()))
+        self._request_publish(compare=False)
 
     def handle(self, kinds: set[str]) -> None:
         if kinds & {"registry", "draplugin", "timer"}:
             self._check_sockets()
         if kinds & {"slices", "registered"}:
-            self.publisher.dirty = True  # compare with what the API server holds now
-            self.publisher.sync(list(self.view.values()))
+            self._request_publish(compare=True)  # compare with what the API server holds now
 
     def shutdown(self) -> None:
         """Sockets go (the kubelet deregisters us); the ResourceSlices stay for the next instance."""
         self.watcher.stop()
+        with self._publish:
+            self._stopping = True
+            self._publish.notify_all()
+        self._publisher_thread.join(timeout=0.5)  # a call in flight ends by its own timeout; the thread is a daemon
         for server in reversed(self.servers):
             server.stop()
+
+    # --- publishing, on its own thread ------------------------------------------------------------
+    def _request_publish(self, compare: bool) -> None:
+        with self._publish:
+            pending = self._wanted[1] if self._wanted is not None else False
+            self._wanted = (list(self.view.values()), compare or pending)
+            self._publish.notify_all()
+
+    def _publish_loop(self) -> None:
+        while True:
+            with self._publish:
+                self._publish.wait_for(lambda: self._wanted is not None or self._stopping)
+                if self._stopping:
+                    return
+                assert self._wanted is not None
+                devices, compare = self._wanted
+                self._wanted = None
+            if compare:
+                self.publisher.dirty = True
+            try:
+                self.publisher.sync(devices)
+            except Exception:  # never let one odd failure end the thread; the next request retries
+                log.exception("publishing ResourceSlices failed")
 
     # --- the view -------------------------------------------------------------------------------
     def _refresh_view(self) -> None:
