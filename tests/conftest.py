@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import os
 import shutil
+import socket
 import tempfile
 import threading
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -61,6 +63,18 @@ class Harness:
         if kubelet:
             self.kubelet.start()
         self.thread.start()
+        return self
+
+    def __enter__(self) -> Harness:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def ready(self) -> Harness:
+        """start() and wait until every published resource is registered and streamed."""
+        self.start()
+        self.wait_ready()
         return self
 
     def close(self) -> None:
@@ -135,3 +149,30 @@ def tree_of(root: str | Path) -> dict[str, str]:
             else:
                 out[rel] = Path(path).read_text(errors="replace")
     return out
+
+
+@contextmanager
+def silent_server(sock: socket.socket) -> Iterator[None]:
+    """Accepts every connection on a bound socket and never says a word: a hung kubelet or API server."""
+    sock.listen(64)
+    sock.settimeout(0.1)
+    held: list[socket.socket] = []
+    stop = threading.Event()
+
+    def accept() -> None:
+        while not stop.is_set():
+            try:
+                held.append(sock.accept()[0])
+            except TimeoutError:
+                continue
+
+    thread = threading.Thread(target=accept, daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join()
+        for conn in held:
+            conn.close()
+        sock.close()

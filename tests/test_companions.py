@@ -33,12 +33,8 @@ def merged_env(responses) -> dict[str, str]:
 @pytest.fixture
 def two_cards(node, pci_ids):
     node.add_all(gpu("0000:01:00.0", "2484", "228b", "13") + gpu("0000:02:00.0", "2484", "228b", "14"))
-    h = Harness(node, pci_ids).start()
-    try:
-        h.wait_ready()
+    with Harness(node, pci_ids).ready() as h:
         yield h
-    finally:
-        h.close()
 
 
 def test_the_kubelet_counts_gpus_and_audio_tokens(two_cards):

@@ -119,35 +119,19 @@ def test_a_garbled_checkpoint_is_ignored_not_fatal(tmp_path):
 def hung_api_server(tmp_path):
     """An "API server" that accepts TCP connections and never answers: every client call waits for its timeout."""
     import socket
-    import threading
 
-    server = socket.socket()
-    server.bind(("127.0.0.1", 0))
-    server.listen(64)
-    held, stop = [], threading.Event()
+    from conftest import silent_server
 
-    def accept() -> None:
-        server.settimeout(0.1)
-        while not stop.is_set():
-            try:
-                held.append(server.accept()[0])
-            except TimeoutError:
-                continue
-
-    thread = threading.Thread(target=accept, daemon=True)
-    thread.start()
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
     kubeconfig = tmp_path / "kubeconfig"
     kubeconfig.write_text(
         "apiVersion: v1\nkind: Config\ncurrent-context: hung\n"
-        f"clusters: [{{name: hung, cluster: {{server: 'https://127.0.0.1:{server.getsockname()[1]}', insecure-skip-tls-verify: true}}}}]\n"
+        f"clusters: [{{name: hung, cluster: {{server: 'https://127.0.0.1:{sock.getsockname()[1]}', insecure-skip-tls-verify: true}}}}]\n"
         "users: [{name: u, user: {token: t}}]\ncontexts: [{name: hung, context: {cluster: hung, user: u}}]\n"
     )
-    yield str(kubeconfig)
-    stop.set()
-    thread.join()
-    for conn in held:
-        conn.close()
-    server.close()
+    with silent_server(sock):
+        yield str(kubeconfig)
 
 
 def test_a_hung_api_server_never_holds_up_the_health_loop(node, pci_ids, hung_api_server):

@@ -9,11 +9,10 @@ import os
 import socket
 import subprocess
 import sys
-import threading
 import time
 
 import pytest
-from conftest import PCI_IDS_PATH, Harness, wait
+from conftest import PCI_IDS_PATH, Harness, silent_server, wait
 from prometheus_client.parser import text_string_to_metric_families
 
 from deviceplugin.podresources import fetch
@@ -35,12 +34,8 @@ def group_entry(doc: dict, gid: str) -> dict:
 @pytest.fixture
 def served(node, pci_ids):
     node.add_all(gpu(GPU1, "2484", "228b", "13") + gpu(GPU2, "2484", "228b", "14"))
-    h = Harness(node, pci_ids).start()
-    try:
-        h.wait_ready()
+    with Harness(node, pci_ids).ready() as h:
         yield h
-    finally:
-        h.close()
 
 
 def holder_of(doc: dict, gid: str):
@@ -139,28 +134,10 @@ def test_a_missing_socket_is_a_reason_not_an_error(node, pci_ids):
 def silent_socket(node):
     """A unix socket that accepts connections and never says a word: a hung kubelet."""
     path = str(node.root / "hung.sock")
-    server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    server.bind(path)
-    server.listen(16)
-    held: list[socket.socket] = []
-    stop = threading.Event()
-
-    def accept() -> None:
-        server.settimeout(0.1)
-        while not stop.is_set():
-            try:
-                held.append(server.accept()[0])
-            except TimeoutError:
-                continue
-
-    thread = threading.Thread(target=accept, daemon=True)
-    thread.start()
-    yield path
-    stop.set()
-    thread.join()
-    for conn in held:
-        conn.close()
-    server.close()
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.bind(path)
+    with silent_server(sock):
+        yield path
 
 
 def test_a_hung_kubelet_costs_inspect_one_deadline(node, silent_socket):

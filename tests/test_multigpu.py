@@ -35,12 +35,8 @@ def numa_by_bus(item) -> int:
 def hgx(node, pci_ids):
     listing = parse_listing(layout_path("09-hgx-h100-8gpu-nvswitch.txt").read_text(encoding="utf-8"))
     build(node, listing, set(GROUPS), numa=numa_by_bus)
-    h = Harness(node, pci_ids).start()
-    try:
-        h.wait_ready()
+    with Harness(node, pci_ids).ready() as h:
         yield h
-    finally:
-        h.close()
 
 
 def group_nodes(response) -> list[str]:
