@@ -154,3 +154,26 @@ def test_serve_with_status_port_and_json_logs(node):
         proc.terminate()
         proc.wait(timeout=10)
         kubelet.stop()
+
+
+def test_healthz_is_503_while_a_socket_cannot_be_served(node, pci_ids):
+    """As on an SELinux node that denies the bind: the log says so, and the pod must not be Ready."""
+    from conftest import Harness, wait
+
+    node.add_all(gpu("0000:01:00.0", "2484", "228b", "13"))
+    blocker = node.plugins / "vfio-dp-nvidia.com_GA104.sock"
+    blocker.mkdir()  # a path the plugin can neither remove nor bind: its server cannot start
+    h = Harness(node, pci_ids)
+    server = StatusServer(h.daemon, 0, host="127.0.0.1")
+    server.start()
+    try:
+        h.start()
+        wait(lambda: "not served" in get(server.port, "/healthz")[1], 10, lambda: get(server.port, "/healthz"))
+        code, body = get(server.port, "/healthz")
+        assert code == 503 and f"{R}: not served (cannot serve {blocker}" in body
+        blocker.rmdir()  # the next rescan serves it, registers it, and the pod turns Ready
+        wait(lambda: get(server.port, "/healthz")[0] == 200, 10, lambda: get(server.port, "/healthz"))
+        assert h.kubelet.wait_for(lambda k: k.allocatable().get(R) == 1, 5)
+    finally:
+        server.stop()
+        h.close()
