@@ -54,8 +54,9 @@ def test_registers_and_streams_over_real_sockets(harness):
     node.add_all(gpu("0000:02:00.0", "2484", "228b", "14", numa_node=1))
     harness.start()
     harness.wait_devices(R, {"0000:01:00.0": "Healthy", "0000:02:00.0": "Healthy"})
-    _, resource, endpoint = harness.kubelet.registrations[0]
-    assert (resource, endpoint) == (R, "vfio-dp-nvidia.com_GA104.sock")
+    first = harness.kubelet.registrations[0]
+    endpoint = first.endpoint
+    assert (first.resource, endpoint, first.generation) == (R, "vfio-dp-nvidia.com_GA104.sock", 1)
     assert (node.plugins / endpoint).is_socket()
     assert harness.kubelet.endpoints[R].options.get_preferred_allocation_available
     assert harness.kubelet.endpoints[R].topology == {"0000:01:00.0": [0], "0000:02:00.0": [1]}

@@ -87,7 +87,7 @@ def test_new_group_new_resource_hot_unplug_and_empty_resource(harness):
     harness.wait_devices(R, {GPU1: "Healthy", GPU2: "Healthy"})
     harness.node.add_all(gpu("0000:03:00.0", "73df", "ab28", "15", vendor="1002"))
     harness.wait_devices("amd.com/NAVI_22", {"0000:03:00.0": "Healthy"})
-    assert [r for _, r, _ in harness.kubelet.registrations].count("amd.com/NAVI_22") == 1
+    assert [r.resource for r in harness.kubelet.registrations].count("amd.com/NAVI_22") == 1
     harness.node.remove("0000:02:00.1")
     harness.node.remove(GPU2)
     harness.wait_devices(R, {GPU1: "Healthy"})
@@ -136,7 +136,7 @@ def test_kubelet_restarted_50_times(harness):
         k.restart()
 
         def registered_again(k: FakeKubelet, before: int = before) -> bool:
-            fresh = {r for _, r, _ in k.registrations[before:]}
+            fresh = {r.resource for r in k.registrations[before:] if r.generation == k.generation}
             return fresh == set(expected) and all(k.devices(r) == d and k.endpoints[r].connected for r, d in expected.items())
 
         ok = k.wait_for(registered_again, timeout=10)
@@ -344,7 +344,7 @@ def test_a_recreated_device_plugin_dir_is_watched_again_without_the_timer(slow_r
         h.node.plugins.mkdir()
         before = len(h.kubelet.registrations)
         h.kubelet.start()
-        assert h.kubelet.wait_for(lambda k, n=before: {r for _, r, _ in k.registrations[n:]} >= {R, R + "_AUDIO"}, 5)
+        assert h.kubelet.wait_for(lambda k, n=before: {r.resource for r in k.registrations[n:]} >= {R, R + "_AUDIO"}, 5)
         h.wait_devices(R, {GPU1: "Healthy", GPU2: "Healthy"}, timeout=5)
     assert h.daemon.recorder.rescan_count <= 12  # events only: the one-hour timer never fired
     assert not [r for r in caplog.records if r.exc_info], "no tracebacks"
