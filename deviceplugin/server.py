@@ -7,6 +7,7 @@ list first, so the kubelet's allocatable drops to 0 at once instead of after the
 
 from __future__ import annotations
 
+import itertools
 import logging
 import os
 import threading
@@ -27,6 +28,7 @@ log = logging.getLogger(__name__)
 HEALTHY = "Healthy"
 UNHEALTHY = "Unhealthy"
 WAKE_INTERVAL = 30.0  # a safety net only: a cancelled stream or a pool change wakes the stream at once
+_starts = itertools.count(1)  # numbers every server start: the registrar registers each start once per kubelet
 
 
 def device_message(device: Device) -> api.Device:
@@ -115,6 +117,7 @@ class PluginServer:
         self._server: grpc.Server | None = None
         self._servicer: DevicePluginServicer | None = None
         self._inode: int | None = None
+        self.serial = 0  # set by start()
 
     def start(self) -> None:
         _remove(self.socket_path)
@@ -126,6 +129,7 @@ class PluginServer:
         server.start()
         self._server, self._servicer = server, servicer
         self._inode = _inode(self.socket_path)
+        self.serial = next(_starts)
 
     def socket_alive(self) -> bool:
         """False once someone (a restarting kubelet) deleted or replaced our socket."""

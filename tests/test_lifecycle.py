@@ -14,6 +14,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections import Counter
 
 import grpc
 import pytest
@@ -141,6 +142,32 @@ def test_kubelet_restarted_50_times(harness):
 
         ok = k.wait_for(registered_again, timeout=10)
         assert ok, f"restart {i}: kubelet sees {k.capacity()} after {k.registrations[before:]}"
+
+
+def test_one_register_per_resource_per_kubelet_restart(node, pci_ids):
+    """A restart is several inotify events and timer ticks; the kubelet must still get one Register per resource.
+
+    A second Register for the same kubelet gives it a second client and ListAndWatch stream for the
+    resource; when either ends, it marks the resource's devices unhealthy.
+    """
+    two_gpus(node)  # nvidia.com/GA104 and its companion nvidia.com/GA104_AUDIO
+    h = Harness(node, pci_ids, rescan_interval=0.05).start()  # a fast timer: many checks per restart
+    try:
+        h.wait_ready()
+        k = h.kubelet
+        resources = {R, R + "_AUDIO"}
+        for _ in range(25):
+            k.restart()
+            wait(lambda: {r.resource for r in k.registrations if r.generation == k.generation} == resources, what="re-registration")
+            # Let the daemon handle every event and tick the restart caused before the next one.
+            settled = h.daemon.recorder.rescan_count + 3
+            wait(lambda n=settled: h.daemon.recorder.rescan_count >= n and not h.daemon.frontend.registrar.pending(), what="three ticks")
+        counts = Counter((r.generation, r.resource) for r in k.registrations)
+        assert {key: n for key, n in counts.items() if n != 1} == {}, "registered more than once with one kubelet"
+        assert len(counts) == 26 * len(resources)
+        h.wait_ready()
+    finally:
+        h.close()
 
 
 def test_kubelet_absent_at_start_appearing_3s_later(node, pci_ids):
