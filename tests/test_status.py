@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import re
+import socket
 import subprocess
 import sys
 import time
@@ -15,6 +17,9 @@ import pytest
 from conftest import PCI_IDS_PATH
 from prometheus_client.parser import text_string_to_metric_families
 
+from deviceplugin.cli import build_parser
+from deviceplugin.config import Config
+from deviceplugin.daemon import Daemon, Options
 from deviceplugin.sim.kubelet import FakeKubelet
 from deviceplugin.sim.node import gpu
 from deviceplugin.status import StatusServer
@@ -22,12 +27,25 @@ from deviceplugin.status import StatusServer
 R = "nvidia.com/GA104"
 
 
-def get(port: int, path: str) -> tuple[int, str]:
+def get(port: int, path: str, host: str = "127.0.0.1") -> tuple[int, str]:
+    shown = f"[{host}]" if ":" in host else host
     try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=5) as response:
+        with urllib.request.urlopen(f"http://{shown}:{port}{path}", timeout=5) as response:
             return response.status, response.read().decode()
     except urllib.error.HTTPError as err:
         return err.code, err.read().decode()
+
+
+def has_ipv6_loopback() -> bool:
+    try:
+        with socket.socket(socket.AF_INET6) as s:
+            s.bind(("::1", 0))
+        return True
+    except OSError:
+        return False
+
+
+needs_ipv6 = pytest.mark.skipif(not has_ipv6_loopback(), reason="this host has no IPv6 loopback")
 
 
 def samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
@@ -154,3 +172,70 @@ def test_serve_with_status_port_and_json_logs(node):
         proc.terminate()
         proc.wait(timeout=10)
         kubelet.stop()
+
+
+# --- where it listens -----------------------------------------------------------------------------
+@pytest.fixture
+def idle_daemon(node, pci_ids):
+    """A daemon that never started: /healthz answers 503 ("starting"), which is all these tests need."""
+    return Daemon(Options(str(node.sys), str(node.dev), str(node.proc), str(node.plugins)), Config(), pci_ids)
+
+
+@pytest.fixture
+def serving():
+    servers: list[StatusServer] = []
+
+    def start(server: StatusServer) -> StatusServer:
+        server.start()
+        servers.append(server)
+        return server
+
+    yield start
+    for server in servers:
+        server.stop()
+
+
+def refused(host: str, port: int) -> bool:
+    try:
+        socket.create_connection((host, port), timeout=2).close()
+    except ConnectionRefusedError:
+        return True
+    return False
+
+
+@needs_ipv6
+def test_by_default_the_probes_reach_it_over_ipv6_and_ipv4(idle_daemon, serving):
+    """IPv6 single-stack clusters probe the pod's IPv6 address: an IPv4-only socket refused them."""
+    server = serving(StatusServer(idle_daemon, 0))
+    for host in ("::1", "127.0.0.1"):
+        code, body = get(server.port, "/healthz", host)
+        assert (code, body) == (503, "starting: the first scan of the node has not finished\n"), host
+
+
+def test_a_host_without_ipv6_falls_back_to_ipv4(idle_daemon, serving, monkeypatch):
+    class NoIPv6(socket.socket):
+        def __init__(self, family: int = -1, *args, **kwargs) -> None:
+            if family == socket.AF_INET6:
+                raise OSError(errno.EAFNOSUPPORT, "Address family not supported by protocol")
+            super().__init__(family, *args, **kwargs)
+
+    with monkeypatch.context() as m:
+        m.setattr(socket, "socket", NoIPv6)
+        server = StatusServer(idle_daemon, 0)
+    assert server.address == "0.0.0.0"
+    assert get(serving(server).port, "/healthz")[0] == 503
+
+
+@needs_ipv6
+def test_status_address_listens_on_that_address_only(idle_daemon, serving):
+    v6 = serving(StatusServer(idle_daemon, 0, "::1"))
+    assert get(v6.port, "/healthz", "::1")[0] == 503 and refused("127.0.0.1", v6.port)
+    v4 = serving(StatusServer(idle_daemon, 0, "127.0.0.1"))
+    assert get(v4.port, "/healthz")[0] == 503 and refused("::1", v4.port)
+
+
+def test_status_address_option_and_its_variable(monkeypatch):
+    assert build_parser().parse_args(["serve"]).status_address == ""
+    monkeypatch.setenv("VFIO_DP_STATUS_ADDRESS", "::1")
+    assert build_parser().parse_args(["serve"]).status_address == "::1"
+    assert build_parser().parse_args(["serve", "--status-address", "0.0.0.0"]).status_address == "0.0.0.0"
