@@ -5,9 +5,11 @@ from __future__ import annotations
 import errno
 import json
 import re
+import select
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -22,7 +24,7 @@ from deviceplugin.config import Config
 from deviceplugin.daemon import Daemon, Options
 from deviceplugin.sim.kubelet import FakeKubelet
 from deviceplugin.sim.node import gpu
-from deviceplugin.status import StatusServer
+from deviceplugin.status import Limits, StatusServer
 
 R = "nvidia.com/GA104"
 
@@ -239,3 +241,95 @@ def test_status_address_option_and_its_variable(monkeypatch):
     monkeypatch.setenv("VFIO_DP_STATUS_ADDRESS", "::1")
     assert build_parser().parse_args(["serve"]).status_address == "::1"
     assert build_parser().parse_args(["serve", "--status-address", "0.0.0.0"]).status_address == "0.0.0.0"
+
+
+# --- clients that misuse it: deadlines, header limits, a cap on connections --------------------------
+def connect(port: int) -> socket.socket:
+    return socket.create_connection(("127.0.0.1", port), timeout=5)
+
+
+def hung_up(conn: socket.socket, wait: float = 0.0) -> bool:
+    """Whether the server closed the connection (EOF or reset), waiting up to `wait` seconds."""
+    if not select.select([conn], [], [], wait)[0]:
+        return False
+    try:
+        return conn.recv(65536, socket.MSG_PEEK) == b""
+    except ConnectionResetError:
+        return True
+
+
+def answer(conn: socket.socket) -> bytes:
+    chunks = []
+    while chunk := conn.recv(65536):
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def test_a_client_sending_headers_forever_is_cut_off_at_the_deadline(idle_daemon, serving):
+    server = serving(StatusServer(idle_daemon, 0, "127.0.0.1", Limits(request_timeout=0.5)))
+    with connect(server.port) as conn:
+        conn.sendall(b"GET /healthz HTTP/1.1\r\n")
+        t0 = time.monotonic()
+        try:
+            while not hung_up(conn, 0.05):  # a short header every 50 ms: each byte is in time, the whole never
+                assert time.monotonic() - t0 < 3, "the server still listens to a request that never ends"
+                conn.sendall(b"X-Slow: 1\r\n")
+        except (BrokenPipeError, ConnectionResetError):
+            pass
+        assert time.monotonic() - t0 < 1.5
+
+
+def test_request_heads_beyond_the_limits_are_refused(idle_daemon, serving):
+    server = serving(StatusServer(idle_daemon, 0, "127.0.0.1"))
+    with connect(server.port) as conn:  # 40 headers: more than 32, but well under http.server's 100
+        conn.sendall(b"GET /healthz HTTP/1.1\r\n" + b"".join(b"X-%d: 1\r\n" % i for i in range(40)) + b"\r\n")
+        assert answer(conn).startswith(b"HTTP/1.0 431 ")
+    with connect(server.port) as conn:  # one 16 KiB header: under http.server's 64 KiB line
+        try:
+            conn.sendall(b"GET /healthz HTTP/1.1\r\nX-Big: " + b"a" * 16384 + b"\r\n\r\n")
+            assert answer(conn).startswith(b"HTTP/1.0 431 ")
+        except ConnectionResetError:
+            pass  # it hung up with the rest of the header unread: a reset, which is refusal enough
+    assert get(server.port, "/healthz")[0] == 503  # and an ordinary request still gets its answer
+
+
+def test_idle_connections_beyond_the_cap_take_no_threads_and_healthz_answers(idle_daemon, serving):
+    server = serving(StatusServer(idle_daemon, 0, "127.0.0.1", Limits(max_connections=4)))
+    threads = threading.active_count()
+    idle = [connect(server.port) for _ in range(50)]  # connect, send nothing
+    try:
+        deadline = time.monotonic() + 5
+        while sum(hung_up(c) for c in idle) < 46 or threading.active_count() > threads + 4:
+            assert time.monotonic() < deadline, (
+                f"{sum(hung_up(c) for c in idle)} of 50 idle connections closed, threads {threading.active_count() - threads:+d}"
+            )
+            time.sleep(0.01)
+        assert not any(hung_up(c) for c in idle[-4:])  # the oldest were pushed out, the four newest wait
+        assert get(server.port, "/healthz")[0] == 503  # a probe still gets in: it pushes out the oldest idle one
+    finally:
+        for c in idle:
+            c.close()
+
+
+def test_when_every_connection_is_busy_answering_a_new_one_is_closed_at_once(idle_daemon, serving):
+    release = threading.Event()
+    idle_daemon.health = lambda: (release.wait(5), (True, "ok"))[1]  # answers only once released
+    server = serving(StatusServer(idle_daemon, 0, "127.0.0.1", Limits(max_connections=2)))
+    busy = [connect(server.port) for _ in range(2)]
+    try:
+        for conn in busy:
+            conn.sendall(b"GET /healthz HTTP/1.0\r\n\r\n")
+        deadline = time.monotonic() + 5
+        while server.httpd.answering() < 2:
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        threads = threading.active_count()
+        with connect(server.port) as extra:
+            assert hung_up(extra, 2)
+        assert threading.active_count() == threads
+        release.set()
+        assert [answer(c).split(b"\r\n", 1)[0] for c in busy] == [b"HTTP/1.0 200 OK"] * 2
+    finally:
+        release.set()
+        for c in busy:
+            c.close()
