@@ -156,7 +156,7 @@ def test_one_register_per_resource_per_kubelet_restart(node, pci_ids):
         h.wait_ready()
         k = h.kubelet
         resources = {R, R + "_AUDIO"}
-        for _ in range(25):
+        for _ in range(15):
             k.restart()
             wait(lambda: {r.resource for r in k.registrations if r.generation == k.generation} == resources, what="re-registration")
             # Let the daemon handle every event and tick the restart caused before the next one.
@@ -164,7 +164,7 @@ def test_one_register_per_resource_per_kubelet_restart(node, pci_ids):
             wait(lambda n=settled: h.daemon.recorder.rescan_count >= n and not h.daemon.frontend.registrar.pending(), what="three ticks")
         counts = Counter((r.generation, r.resource) for r in k.registrations)
         assert {key: n for key, n in counts.items() if n != 1} == {}, "registered more than once with one kubelet"
-        assert len(counts) == 26 * len(resources)
+        assert len(counts) == 16 * len(resources)
         h.wait_ready()
     finally:
         h.close()
