@@ -61,12 +61,12 @@ def wait_until(predicate, timeout: float, what: str) -> None:
 
 
 @contextmanager
-def serving(functions: int) -> Iterator[tuple[FakeNode, FakeKubelet, subprocess.Popen[bytes]]]:
-    """A synthetic node served by `serve` in its own process and registered with a test kubelet."""
+def serving(functions: int, *extra: str) -> Iterator[tuple[FakeNode, FakeKubelet, subprocess.Popen[bytes]]]:
+    """A synthetic node served by `serve` (with `extra` options) in its own process and registered with a test kubelet."""
     with tempfile.TemporaryDirectory(prefix="vdp", dir=TMP) as root:
         node = gpu_node(root, functions)
         kubelet = FakeKubelet(str(node.plugins)).start()
-        proc = start_serve(node)
+        proc = start_serve(node, *extra)
         try:
             wait_until(lambda: kubelet.allocatable().get(RESOURCE) == functions // 4, 60, "registration")
             yield node, kubelet, proc

@@ -124,6 +124,12 @@ def build_parser() -> argparse.ArgumentParser:
     own = serve.add_argument_group("serve options")
     _option(own, "--rescan-interval", 5.0, "seconds between sysfs rescans (default 5)", type=_positive_float)
     _option(own, "--status-port", None, "serve /metrics, /status and /healthz on this port (off by default)", type=int)
+    _option(
+        own,
+        "--status-address",
+        "",
+        "address of the status endpoint (default: every IPv6 and IPv4 address, IPv4 only on hosts without IPv6)",
+    )
     _dra_serve_options(serve)
     inspect = sub.add_parser("inspect", parents=[common, dra_paths], help="what this node offers, and why not")
     inspect.add_argument("--json", action="store_true", help="print one JSON document (schema in the README)")
@@ -245,7 +251,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if args.status_port is not None:
         from deviceplugin.status import StatusServer
 
-        status = StatusServer(daemon, args.status_port)
+        status = StatusServer(daemon, args.status_port, args.status_address)
         status.start()
     log.info("vfio-device-plugin %s starting in %s mode (sysfs %s)", __version__, args.mode, args.sysfs_root)
     try:

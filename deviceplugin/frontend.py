@@ -11,13 +11,12 @@ from __future__ import annotations
 import logging
 import os
 import threading
-import time
 from typing import Any, Protocol
 
 from deviceplugin.metrics import Recorder
 from deviceplugin.naming import SOCKET_PREFIX
 from deviceplugin.pool import DevicePool
-from deviceplugin.registration import BACKOFF, KUBELET_SOCKET, Registrar
+from deviceplugin.registration import BACKOFF, KubeletId, Registrar, kubelet_identity
 from deviceplugin.server import HEALTHY, UNHEALTHY, PluginServer
 
 log = logging.getLogger(__name__)
@@ -66,13 +65,13 @@ class DevicePluginFrontend:
         self.plugin_dir = plugin_dir
         self.recorder = recorder
         self.servers: dict[str, PluginServer] = {}
-        self.registered: dict[str, float] = {}  # resource -> unix time of the last successful Register
         self.registration_errors: dict[str, str] = {}
         self.serve_errors: dict[str, str] = {}  # resource -> why its socket could not be served
+        # What is registered, and with which kubelet instance, is the registrar's to know.
         self.registrar = Registrar(plugin_dir, self._on_registration, backoff)
-        self._kubelet_inode: int | None = None
+        self._kubelet: KubeletId | None = None
         self._dir_gone = False
-        self._lock = threading.Lock()  # guards the three dicts above for /status and /healthz readers
+        self._lock = threading.Lock()  # guards the two dicts above for /status and /healthz readers
 
     def watch_dirs(self) -> dict[str, str]:
         return {"plugins": self.plugin_dir}
@@ -80,7 +79,7 @@ class DevicePluginFrontend:
     def start(self) -> None:
         os.makedirs(self.plugin_dir, exist_ok=True)
         self._remove_stale_sockets()
-        self._kubelet_inode = _inode(os.path.join(self.plugin_dir, KUBELET_SOCKET))
+        self._kubelet = kubelet_identity(self.plugin_dir)
         self.registrar.start()
 
     def sync(self) -> None:
@@ -110,41 +109,39 @@ class DevicePluginFrontend:
             self.serve_errors.pop(resource, None)
         self.servers[resource] = server
         log.info("serving %s on %s", resource, server.socket_path)
-        self.registrar.request(resource, server.endpoint)
+        self.registrar.request(resource, server.endpoint, server.serial)
 
     def check_kubelet(self) -> None:
-        """A restarted kubelet deletes our sockets and recreates kubelet.sock: serve again and re-register."""
+        """A restarted kubelet deletes our sockets and recreates kubelet.sock: serve again and re-register.
+
+        Runs on every event in the dir and every tick, several times per restart; asking the registrar
+        again is harmless, since it registers each server once per kubelet instance.
+        """
         if not os.path.isdir(self.plugin_dir):
             if not self._dir_gone:
                 log.warning("%s is gone: waiting for the kubelet to recreate it", self.plugin_dir)
                 self._dir_gone = True
             return
         self._dir_gone = False
-        inode = _inode(os.path.join(self.plugin_dir, KUBELET_SOCKET))
-        kubelet_changed = inode is not None and inode != self._kubelet_inode
-        self._kubelet_inode = inode
+        kubelet = kubelet_identity(self.plugin_dir)
+        kubelet_changed = kubelet is not None and kubelet != self._kubelet
+        self._kubelet = kubelet
         for resource, server in list(self.servers.items()):
             if not server.socket_alive():
                 log.info("socket %s was removed (kubelet restart?): serving %s again", server.socket_path, resource)
-                self._forget_registration(resource)
+                self.registrar.forget(resource)
                 server.stop(farewell=False)
                 del self.servers[resource]
                 self._serve(resource)  # on failure it is retried by the next sync
-            elif kubelet_changed:
-                self._forget_registration(resource)
-                self.registrar.request(resource, server.endpoint)
+            else:
+                self.registrar.request(resource, server.endpoint, server.serial)
         if kubelet_changed:
-            self.registrar.retry_now()
-
-    def _forget_registration(self, resource: str) -> None:
-        with self._lock:
-            self.registered.pop(resource, None)
+            self.registrar.retry_now()  # a registration waiting out its backoff goes now
 
     def _on_registration(self, resource: str, endpoint: str, error: str | None) -> None:
         self.recorder.registration(resource, error is None)
         with self._lock:
             if error is None:
-                self.registered[resource] = time.time()
                 self.registration_errors.pop(resource, None)
                 log.info("registered %s with the kubelet (endpoint %s)", resource, endpoint)
             else:
@@ -153,8 +150,10 @@ class DevicePluginFrontend:
                 (log.warning if first else log.debug)("registering %s failed, will retry: %s", resource, error)
 
     def registration_state(self) -> tuple[dict[str, float], dict[str, str]]:
+        """(resource -> time of its Register with the kubelet running now, resource -> last registration error)."""
+        registered = self.registrar.registered()
         with self._lock:
-            return dict(self.registered), dict(self.registration_errors)
+            return registered, dict(self.registration_errors)
 
     def shutdown(self) -> None:
         """Every open ListAndWatch sends an empty list, servers stop, our sockets are removed."""
@@ -219,10 +218,3 @@ class DevicePluginFrontend:
                     os.unlink(os.path.join(self.plugin_dir, name))
                 except OSError as exc:
                     log.warning("cannot remove stale socket %s: %s", name, exc)
-
-
-def _inode(path: str) -> int | None:
-    try:
-        return os.stat(path).st_ino
-    except OSError:
-        return None

@@ -3,6 +3,12 @@
 The kubelet is often late (node boot) or restarting; the plugin never gives up and never exits
 because of it. One worker thread handles every pending registration so that a slow kubelet never
 blocks rescans or health updates.
+
+Exactly one Register per served socket and kubelet instance: the kubelet keeps a client (and a
+ListAndWatch stream) per Register, and when any of them ends it marks the resource's devices
+unhealthy. A kubelet restart is seen as several events and timer ticks, so the Registrar remembers
+which kubelet instance (kubelet.sock's identity) each registration reached, and a request that the
+registration in flight or already made answers is not sent again.
 """
 
 from __future__ import annotations
@@ -31,6 +37,22 @@ class RegistrationError(RuntimeError):
     pass
 
 
+KubeletId = tuple[int, int, int]
+
+
+def kubelet_identity(plugin_dir: str) -> KubeletId | None:
+    """Which kubelet instance serves kubelet.sock (None: none does): every start creates a new socket file.
+
+    The inode alone can be reused at once by a file system after the old socket is deleted; with the
+    creation time (ctime) a new socket never looks like the old one.
+    """
+    try:
+        st = os.stat(os.path.join(plugin_dir, KUBELET_SOCKET))
+    except OSError:
+        return None
+    return st.st_dev, st.st_ino, st.st_ctime_ns
+
+
 def register(plugin_dir: str, resource: str, endpoint: str, timeout: float = REGISTER_TIMEOUT) -> None:
     """One Register call; raises RegistrationError with the kubelet's message on failure."""
     kubelet = os.path.join(plugin_dir, KUBELET_SOCKET)
@@ -52,12 +74,21 @@ def register(plugin_dir: str, resource: str, endpoint: str, timeout: float = REG
 @dataclass
 class _Pending:
     endpoint: str
+    server: int  # which start of the resource's server: a new socket needs a Register of its own
     attempts: int = 0
     due: float = 0.0
 
 
+@dataclass
+class _Done:
+    endpoint: str
+    server: int
+    kubelet: KubeletId | None  # the instance that took the Register; None when it restarted during the call
+    since: float
+
+
 class Registrar:
-    """Keeps trying to register every requested resource until it succeeds."""
+    """Keeps trying to register every requested resource until it succeeds, once per kubelet instance."""
 
     def __init__(
         self,
@@ -69,6 +100,7 @@ class Registrar:
         self.on_result = on_result  # (resource, endpoint, error or None)
         self.backoff = backoff
         self._pending: dict[str, _Pending] = {}
+        self._done: dict[str, _Done] = {}  # resource -> its last successful Register
         self._cond = threading.Condition()
         self._stop = False
         self._thread = threading.Thread(target=self._run, name="registrar", daemon=True)
@@ -84,10 +116,36 @@ class Registrar:
         # let it eat the 2 s in which SIGTERM must finish (empty lists sent, sockets removed).
         self._thread.join(timeout=0.2)
 
-    def request(self, resource: str, endpoint: str) -> None:
+    def request(self, resource: str, endpoint: str, server: int) -> None:
+        """Makes sure `resource`, served by start `server` of its server, is registered with the kubelet running now.
+
+        Cheap and idempotent: call it on every event and tick. A request that an attempt already
+        queued or in flight answers keeps that attempt (and its backoff); one that the kubelet
+        running now already took is done.
+        """
         with self._cond:
-            self._pending[resource] = _Pending(endpoint)
+            pending = self._pending.get(resource)
+            if pending is not None and (pending.endpoint, pending.server) == (endpoint, server):
+                return
+            done = self._done.get(resource)
+            if done is not None and (done.endpoint, done.server) == (endpoint, server):
+                if done.kubelet is not None and done.kubelet == kubelet_identity(self.plugin_dir):
+                    return
+            self._done.pop(resource, None)
+            self._pending[resource] = _Pending(endpoint, server)
             self._cond.notify_all()
+
+    def forget(self, resource: str) -> None:
+        """Its server stopped: whatever was registered or pending for it is void."""
+        with self._cond:
+            self._pending.pop(resource, None)
+            self._done.pop(resource, None)
+
+    def registered(self) -> dict[str, float]:
+        """Resource -> unix time of its Register, for those the kubelet running now took."""
+        kubelet = kubelet_identity(self.plugin_dir)
+        with self._cond:
+            return {r: d.since for r, d in self._done.items() if kubelet is not None and d.kubelet == kubelet}
 
     def retry_now(self) -> None:
         """The kubelet just appeared: forget the backoff."""
@@ -125,12 +183,17 @@ class Registrar:
             if item is None:
                 return
             resource, pending = item
+            before = kubelet_identity(self.plugin_dir)
             error = self._attempt(resource, pending.endpoint)
+            after = kubelet_identity(self.plugin_dir)
             with self._cond:
                 if self._pending.get(resource) is not pending:
-                    continue  # re-requested meanwhile (kubelet restarted again): the new request wins
+                    continue  # a new server for the resource was requested meanwhile: that request wins
                 if error is None:
                     del self._pending[resource]
+                    # Seen the same before and after the call: that instance took it. Otherwise the
+                    # kubelet restarted during the call, and the next request registers again.
+                    self._done[resource] = _Done(pending.endpoint, pending.server, after if before == after else None, time.time())
                 else:
                     pending.due = time.monotonic() + self.backoff[min(pending.attempts, len(self.backoff) - 1)]
                     pending.attempts += 1

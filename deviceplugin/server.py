@@ -3,10 +3,15 @@
 Handlers only read the pool; they never change state. ListAndWatch sends the full list at once and
 again whenever the pool's version for its resource moves; when the plugin stops it sends an empty
 list first, so the kubelet's allocatable drops to 0 at once instead of after the 5-minute grace.
+
+Each open stream holds one of the server's worker threads for as long as it is open, and Allocate
+(which the kubelet calls without a deadline) needs a free one. So at most MAX_STREAMS streams are
+open per resource; one more is refused at once, and the rest of the workers always serve unary calls.
 """
 
 from __future__ import annotations
 
+import itertools
 import logging
 import os
 import threading
@@ -27,6 +32,14 @@ log = logging.getLogger(__name__)
 HEALTHY = "Healthy"
 UNHEALTHY = "Unhealthy"
 WAKE_INTERVAL = 30.0  # a safety net only: a cancelled stream or a pool change wakes the stream at once
+_starts = itertools.count(1)  # numbers every server start: the registrar registers each start once per kubelet
+# The kubelet holds one stream per resource (two for a moment if it was sent a second Register); the
+# rest is room for a diagnostic client. A stream beyond it is refused rather than ending an older one:
+# the kubelet never reopens a stream by itself, and when any of its streams for a resource ends it
+# marks all of the resource's devices unhealthy. A restarted kubelet's streams end with its
+# connections, so a new kubelet never finds the slots taken by its predecessor.
+MAX_STREAMS = 4
+WORKERS = 32  # MAX_STREAMS for streams, the rest for Allocate bursts; threads start on demand
 
 
 def device_message(device: Device) -> api.Device:
@@ -43,18 +56,28 @@ class DevicePluginServicer(api_grpc.DevicePluginServicer):
         self.recorder = recorder or Recorder()
         self.closing = threading.Event()
         self.farewell = False  # on closing, send an empty list first (a real stop, not a socket restart)
+        self.streams = _Slots(MAX_STREAMS)
 
     def GetDevicePluginOptions(self, request: api.Empty, context: grpc.ServicerContext) -> api.DevicePluginOptions:
         return api.DevicePluginOptions(pre_start_required=False, get_preferred_allocation_available=True)
 
     def ListAndWatch(self, request: api.Empty, context: grpc.ServicerContext) -> Iterator[api.ListAndWatchResponse]:
+        acquired, first_refusal = self.streams.acquire()
+        if not acquired:
+            (log.warning if first_refusal else log.debug)(
+                "refusing a ListAndWatch stream of %s: %d are open already", self.resource, self.streams.limit
+            )
+            context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, f"{self.streams.limit} ListAndWatch streams of {self.resource} are open")
         gone = threading.Event()
 
-        def on_done() -> None:
+        def on_done() -> None:  # the stream ended, however it ended: its slot is free again
             gone.set()
+            self.streams.release()
             self.pool.wake()
 
-        context.add_callback(on_done)
+        if not context.add_callback(on_done):
+            on_done()  # already over
+            return
         version, devices = self.pool.devices(self.resource)
         yield api.ListAndWatchResponse(devices=[device_message(d) for d in devices])
         while True:
@@ -103,6 +126,30 @@ class DevicePluginServicer(api_grpc.DevicePluginServicer):
         return api.PreStartContainerResponse()
 
 
+class _Slots:
+    """A count of open streams with a limit; remembers whether a refusal was already reported."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.open = 0
+        self._refusing = False
+        self._lock = threading.Lock()
+
+    def acquire(self) -> tuple[bool, bool]:
+        """(acquired, first refusal since a slot was last free)."""
+        with self._lock:
+            if self.open < self.limit:
+                self.open += 1
+                return True, False
+            first, self._refusing = not self._refusing, True
+            return False, first
+
+    def release(self) -> None:
+        with self._lock:
+            self.open -= 1
+            self._refusing = False
+
+
 class PluginServer:
     """A gRPC server for one resource on `<plugin_dir>/vfio-dp-<resource>.sock`."""
 
@@ -115,17 +162,18 @@ class PluginServer:
         self._server: grpc.Server | None = None
         self._servicer: DevicePluginServicer | None = None
         self._inode: int | None = None
+        self.serial = 0  # set by start()
 
     def start(self) -> None:
         _remove(self.socket_path)
         servicer = DevicePluginServicer(self.resource, self.pool, self.recorder)
-        # One thread per open ListAndWatch stream plus headroom for admission bursts.
-        server = grpc.server(futures.ThreadPoolExecutor(max_workers=32, thread_name_prefix=f"dp-{self.resource}"))
+        server = grpc.server(futures.ThreadPoolExecutor(max_workers=WORKERS, thread_name_prefix=f"dp-{self.resource}"))
         api_grpc.add_DevicePluginServicer_to_server(servicer, server)
         server.add_insecure_port(f"unix://{self.socket_path}")
         server.start()
         self._server, self._servicer = server, servicer
         self._inode = _inode(self.socket_path)
+        self.serial = next(_starts)
 
     def socket_alive(self) -> bool:
         """False once someone (a restarting kubelet) deleted or replaced our socket."""

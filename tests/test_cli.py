@@ -142,7 +142,8 @@ def test_a_bad_value_in_a_variable_is_a_clear_error():
 
 def test_help_names_the_variable_of_every_option():
     text = " ".join(run("serve", "--help").stdout.split())
-    for flag in ("--sysfs-root", "--dev-root", "--config", "--naming", "--pci-ids", "--rescan-interval", "--status-port"):
+    flags = ("--sysfs-root", "--dev-root", "--config", "--naming", "--pci-ids", "--rescan-interval", "--status-port", "--status-address")
+    for flag in flags:
         assert f"env {'VFIO_DP_' + flag[2:].replace('-', '_').upper()}" in text, flag
 
 

@@ -3,14 +3,17 @@ unix sockets against the test kubelet (register, dial back, ListAndWatch, admiss
 
 from __future__ import annotations
 
+import time
+
 import grpc
 import grpc_testing
 import pytest
 from conftest import inventory_of
 
 from deviceplugin.api.deviceplugin.v1beta1 import api_pb2 as api
+from deviceplugin.api.deviceplugin.v1beta1 import api_pb2_grpc
 from deviceplugin.pool import DevicePool
-from deviceplugin.server import DevicePluginServicer
+from deviceplugin.server import MAX_STREAMS, DevicePluginServicer
 from deviceplugin.sim.node import gpu
 
 R = "nvidia.com/GA104"
@@ -54,8 +57,9 @@ def test_registers_and_streams_over_real_sockets(harness):
     node.add_all(gpu("0000:02:00.0", "2484", "228b", "14", numa_node=1))
     harness.start()
     harness.wait_devices(R, {"0000:01:00.0": "Healthy", "0000:02:00.0": "Healthy"})
-    _, resource, endpoint = harness.kubelet.registrations[0]
-    assert (resource, endpoint) == (R, "vfio-dp-nvidia.com_GA104.sock")
+    first = harness.kubelet.registrations[0]
+    endpoint = first.endpoint
+    assert (first.resource, endpoint, first.generation) == (R, "vfio-dp-nvidia.com_GA104.sock", 1)
     assert (node.plugins / endpoint).is_socket()
     assert harness.kubelet.endpoints[R].options.get_preferred_allocation_available
     assert harness.kubelet.endpoints[R].topology == {"0000:01:00.0": [0], "0000:02:00.0": [1]}
@@ -101,3 +105,43 @@ def test_allocate_errors_reach_the_kubelet_with_reasons(harness):
     assert "0000:01:00.1" in err.value.details() and "snd_hda_intel" in err.value.details()
     # the failed recheck asked for a rescan: the kubelet learns the device is unhealthy
     harness.wait_devices(R, {"0000:01:00.0": "Unhealthy"})
+
+
+def test_open_listandwatch_streams_never_starve_allocate(harness):
+    """31 extra streams once took every worker: Allocate (no deadline in the kubelet) then waited forever."""
+    harness.node.add_all(gpu("0000:01:00.0", "2484", "228b", "13"))
+    harness.start()
+    harness.wait_ready()
+    channel = grpc.insecure_channel(f"unix://{harness.daemon.frontend.servers[R].socket_path}")
+    stub = api_pb2_grpc.DevicePluginStub(channel)
+    try:
+        streams = [stub.ListAndWatch(api.Empty()) for _ in range(31)]
+        outcomes = []
+        for stream in streams:
+            try:
+                next(stream)
+                outcomes.append("open")
+            except grpc.RpcError as err:
+                outcomes.append(err.code().name)
+        request = api.AllocateRequest(container_requests=[api.ContainerAllocateRequest(devices_ids=["0000:01:00.0"])])
+        response = stub.Allocate(request, timeout=5)
+        assert response.container_responses[0].envs["PCI_RESOURCE_NVIDIA_COM_GA104"] == "0000:01:00.0"
+        # the kubelet's stream holds one slot, three more opened (whichever the server took first), the rest were refused at once
+        assert sorted(outcomes) == ["RESOURCE_EXHAUSTED"] * (32 - MAX_STREAMS) + ["open"] * (MAX_STREAMS - 1)
+        assert harness.kubelet.endpoints[R].connected and harness.kubelet.devices(R) == {"0000:01:00.0": "Healthy"}
+        for stream in streams:
+            stream.cancel()
+        # a closed stream frees its slot
+        deadline = time.monotonic() + 5
+        while True:
+            fresh = stub.ListAndWatch(api.Empty())
+            try:
+                assert [d.ID for d in next(fresh).devices] == ["0000:01:00.0"]
+                break
+            except grpc.RpcError as err:
+                assert err.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and time.monotonic() < deadline, err
+                time.sleep(0.01)
+            finally:
+                fresh.cancel()
+    finally:
+        channel.close()

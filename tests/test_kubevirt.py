@@ -35,7 +35,7 @@ def test_kubevirt_config_matches_the_registrations(node, pci_ids, naming):
     h = Harness(node, pci_ids, config=parse_config({"naming": naming})).start()
     try:
         assert h.kubelet.wait_for(lambda k: len(k.endpoints) == len(resources), 10)
-        registered = {r for _, r, _ in h.kubelet.registrations}
+        registered = {r.resource for r in h.kubelet.registrations}
     finally:
         h.close()
     assert resources == registered

@@ -14,6 +14,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections import Counter
 
 import grpc
 import pytest
@@ -87,7 +88,7 @@ def test_new_group_new_resource_hot_unplug_and_empty_resource(harness):
     harness.wait_devices(R, {GPU1: "Healthy", GPU2: "Healthy"})
     harness.node.add_all(gpu("0000:03:00.0", "73df", "ab28", "15", vendor="1002"))
     harness.wait_devices("amd.com/NAVI_22", {"0000:03:00.0": "Healthy"})
-    assert [r for _, r, _ in harness.kubelet.registrations].count("amd.com/NAVI_22") == 1
+    assert [r.resource for r in harness.kubelet.registrations].count("amd.com/NAVI_22") == 1
     harness.node.remove("0000:02:00.1")
     harness.node.remove(GPU2)
     harness.wait_devices(R, {GPU1: "Healthy"})
@@ -136,11 +137,37 @@ def test_kubelet_restarted_50_times(harness):
         k.restart()
 
         def registered_again(k: FakeKubelet, before: int = before) -> bool:
-            fresh = {r for _, r, _ in k.registrations[before:]}
+            fresh = {r.resource for r in k.registrations[before:] if r.generation == k.generation}
             return fresh == set(expected) and all(k.devices(r) == d and k.endpoints[r].connected for r, d in expected.items())
 
         ok = k.wait_for(registered_again, timeout=10)
         assert ok, f"restart {i}: kubelet sees {k.capacity()} after {k.registrations[before:]}"
+
+
+def test_one_register_per_resource_per_kubelet_restart(node, pci_ids):
+    """A restart is several inotify events and timer ticks; the kubelet must still get one Register per resource.
+
+    A second Register for the same kubelet gives it a second client and ListAndWatch stream for the
+    resource; when either ends, it marks the resource's devices unhealthy.
+    """
+    two_gpus(node)  # nvidia.com/GA104 and its companion nvidia.com/GA104_AUDIO
+    h = Harness(node, pci_ids, rescan_interval=0.05).start()  # a fast timer: many checks per restart
+    try:
+        h.wait_ready()
+        k = h.kubelet
+        resources = {R, R + "_AUDIO"}
+        for _ in range(15):
+            k.restart()
+            wait(lambda: {r.resource for r in k.registrations if r.generation == k.generation} == resources, what="re-registration")
+            # Let the daemon handle every event and tick the restart caused before the next one.
+            settled = h.daemon.recorder.rescan_count + 3
+            wait(lambda n=settled: h.daemon.recorder.rescan_count >= n and not h.daemon.frontend.registrar.pending(), what="three ticks")
+        counts = Counter((r.generation, r.resource) for r in k.registrations)
+        assert {key: n for key, n in counts.items() if n != 1} == {}, "registered more than once with one kubelet"
+        assert len(counts) == 16 * len(resources)
+        h.wait_ready()
+    finally:
+        h.close()
 
 
 def test_kubelet_absent_at_start_appearing_3s_later(node, pci_ids):
@@ -344,7 +371,7 @@ def test_a_recreated_device_plugin_dir_is_watched_again_without_the_timer(slow_r
         h.node.plugins.mkdir()
         before = len(h.kubelet.registrations)
         h.kubelet.start()
-        assert h.kubelet.wait_for(lambda k, n=before: {r for _, r, _ in k.registrations[n:]} >= {R, R + "_AUDIO"}, 5)
+        assert h.kubelet.wait_for(lambda k, n=before: {r.resource for r in k.registrations[n:]} >= {R, R + "_AUDIO"}, 5)
         h.wait_devices(R, {GPU1: "Healthy", GPU2: "Healthy"}, timeout=5)
     assert h.daemon.recorder.rescan_count <= 12  # events only: the one-hour timer never fired
     assert not [r for r in caplog.records if r.exc_info], "no tracebacks"

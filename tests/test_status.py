@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import re
+import select
+import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -15,19 +19,35 @@ import pytest
 from conftest import PCI_IDS_PATH
 from prometheus_client.parser import text_string_to_metric_families
 
+from deviceplugin.cli import build_parser
+from deviceplugin.config import Config
+from deviceplugin.daemon import Daemon, Options
 from deviceplugin.sim.kubelet import FakeKubelet
 from deviceplugin.sim.node import gpu
-from deviceplugin.status import StatusServer
+from deviceplugin.status import Limits, StatusServer
 
 R = "nvidia.com/GA104"
 
 
-def get(port: int, path: str) -> tuple[int, str]:
+def get(port: int, path: str, host: str = "127.0.0.1") -> tuple[int, str]:
+    shown = f"[{host}]" if ":" in host else host
     try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=5) as response:
+        with urllib.request.urlopen(f"http://{shown}:{port}{path}", timeout=5) as response:
             return response.status, response.read().decode()
     except urllib.error.HTTPError as err:
         return err.code, err.read().decode()
+
+
+def has_ipv6_loopback() -> bool:
+    try:
+        with socket.socket(socket.AF_INET6) as s:
+            s.bind(("::1", 0))
+        return True
+    except OSError:
+        return False
+
+
+needs_ipv6 = pytest.mark.skipif(not has_ipv6_loopback(), reason="this host has no IPv6 loopback")
 
 
 def samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
@@ -177,3 +197,162 @@ def test_healthz_is_503_while_a_socket_cannot_be_served(node, pci_ids):
     finally:
         server.stop()
         h.close()
+
+
+# --- where it listens -----------------------------------------------------------------------------
+@pytest.fixture
+def idle_daemon(node, pci_ids):
+    """A daemon that never started: /healthz answers 503 ("starting"), which is all these tests need."""
+    return Daemon(Options(str(node.sys), str(node.dev), str(node.proc), str(node.plugins)), Config(), pci_ids)
+
+
+@pytest.fixture
+def serving():
+    servers: list[StatusServer] = []
+
+    def start(server: StatusServer) -> StatusServer:
+        server.start()
+        servers.append(server)
+        return server
+
+    yield start
+    for server in servers:
+        server.stop()
+
+
+def refused(host: str, port: int) -> bool:
+    try:
+        socket.create_connection((host, port), timeout=2).close()
+    except ConnectionRefusedError:
+        return True
+    return False
+
+
+@needs_ipv6
+def test_by_default_the_probes_reach_it_over_ipv6_and_ipv4(idle_daemon, serving):
+    """IPv6 single-stack clusters probe the pod's IPv6 address: an IPv4-only socket refused them."""
+    server = serving(StatusServer(idle_daemon, 0))
+    for host in ("::1", "127.0.0.1"):
+        code, body = get(server.port, "/healthz", host)
+        assert (code, body) == (503, "starting: the first scan of the node has not finished\n"), host
+
+
+def test_a_host_without_ipv6_falls_back_to_ipv4(idle_daemon, serving, monkeypatch):
+    class NoIPv6(socket.socket):
+        def __init__(self, family: int = -1, *args, **kwargs) -> None:
+            if family == socket.AF_INET6:
+                raise OSError(errno.EAFNOSUPPORT, "Address family not supported by protocol")
+            super().__init__(family, *args, **kwargs)
+
+    with monkeypatch.context() as m:
+        m.setattr(socket, "socket", NoIPv6)
+        server = StatusServer(idle_daemon, 0)
+    assert server.address == "0.0.0.0"
+    assert get(serving(server).port, "/healthz")[0] == 503
+
+
+@needs_ipv6
+def test_status_address_listens_on_that_address_only(idle_daemon, serving):
+    v6 = serving(StatusServer(idle_daemon, 0, "::1"))
+    assert get(v6.port, "/healthz", "::1")[0] == 503 and refused("127.0.0.1", v6.port)
+    v4 = serving(StatusServer(idle_daemon, 0, "127.0.0.1"))
+    assert get(v4.port, "/healthz")[0] == 503 and refused("::1", v4.port)
+
+
+def test_status_address_option_and_its_variable(monkeypatch):
+    assert build_parser().parse_args(["serve"]).status_address == ""
+    monkeypatch.setenv("VFIO_DP_STATUS_ADDRESS", "::1")
+    assert build_parser().parse_args(["serve"]).status_address == "::1"
+    assert build_parser().parse_args(["serve", "--status-address", "0.0.0.0"]).status_address == "0.0.0.0"
+
+
+# --- clients that misuse it: deadlines, header limits, a cap on connections --------------------------
+def connect(port: int) -> socket.socket:
+    return socket.create_connection(("127.0.0.1", port), timeout=5)
+
+
+def hung_up(conn: socket.socket, wait: float = 0.0) -> bool:
+    """Whether the server closed the connection (EOF or reset), waiting up to `wait` seconds."""
+    if not select.select([conn], [], [], wait)[0]:
+        return False
+    try:
+        return conn.recv(65536, socket.MSG_PEEK) == b""
+    except ConnectionResetError:
+        return True
+
+
+def answer(conn: socket.socket) -> bytes:
+    chunks = []
+    while chunk := conn.recv(65536):
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def test_a_client_sending_headers_forever_is_cut_off_at_the_deadline(idle_daemon, serving):
+    server = serving(StatusServer(idle_daemon, 0, "127.0.0.1", Limits(request_timeout=0.5)))
+    with connect(server.port) as conn:
+        conn.sendall(b"GET /healthz HTTP/1.1\r\n")
+        t0 = time.monotonic()
+        try:
+            while not hung_up(conn, 0.05):  # a short header every 50 ms: each byte is in time, the whole never
+                assert time.monotonic() - t0 < 3, "the server still listens to a request that never ends"
+                conn.sendall(b"X-Slow: 1\r\n")
+        except (BrokenPipeError, ConnectionResetError):
+            pass
+        assert time.monotonic() - t0 < 1.5
+
+
+def test_request_heads_beyond_the_limits_are_refused(idle_daemon, serving):
+    server = serving(StatusServer(idle_daemon, 0, "127.0.0.1"))
+    with connect(server.port) as conn:  # 40 headers: more than 32, but well under http.server's 100
+        conn.sendall(b"GET /healthz HTTP/1.1\r\n" + b"".join(b"X-%d: 1\r\n" % i for i in range(40)) + b"\r\n")
+        assert answer(conn).startswith(b"HTTP/1.0 431 ")
+    with connect(server.port) as conn:  # one 16 KiB header: under http.server's 64 KiB line
+        try:
+            conn.sendall(b"GET /healthz HTTP/1.1\r\nX-Big: " + b"a" * 16384 + b"\r\n\r\n")
+            assert answer(conn).startswith(b"HTTP/1.0 431 ")
+        except ConnectionResetError:
+            pass  # it hung up with the rest of the header unread: a reset, which is refusal enough
+    assert get(server.port, "/healthz")[0] == 503  # and an ordinary request still gets its answer
+
+
+def test_idle_connections_beyond_the_cap_take_no_threads_and_healthz_answers(idle_daemon, serving):
+    server = serving(StatusServer(idle_daemon, 0, "127.0.0.1", Limits(max_connections=4)))
+    threads = threading.active_count()
+    idle = [connect(server.port) for _ in range(50)]  # connect, send nothing
+    try:
+        deadline = time.monotonic() + 5
+        while sum(hung_up(c) for c in idle) < 46 or threading.active_count() > threads + 4:
+            assert time.monotonic() < deadline, (
+                f"{sum(hung_up(c) for c in idle)} of 50 idle connections closed, threads {threading.active_count() - threads:+d}"
+            )
+            time.sleep(0.01)
+        assert not any(hung_up(c) for c in idle[-4:])  # the oldest were pushed out, the four newest wait
+        assert get(server.port, "/healthz")[0] == 503  # a probe still gets in: it pushes out the oldest idle one
+    finally:
+        for c in idle:
+            c.close()
+
+
+def test_when_every_connection_is_busy_answering_a_new_one_is_closed_at_once(idle_daemon, serving):
+    release = threading.Event()
+    idle_daemon.health = lambda: (release.wait(5), (True, "ok"))[1]  # answers only once released
+    server = serving(StatusServer(idle_daemon, 0, "127.0.0.1", Limits(max_connections=2)))
+    busy = [connect(server.port) for _ in range(2)]
+    try:
+        for conn in busy:
+            conn.sendall(b"GET /healthz HTTP/1.0\r\n\r\n")
+        deadline = time.monotonic() + 5
+        while server.httpd.answering() < 2:
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        threads = threading.active_count()
+        with connect(server.port) as extra:
+            assert hung_up(extra, 2)
+        assert threading.active_count() == threads
+        release.set()
+        assert [answer(c).split(b"\r\n", 1)[0] for c in busy] == [b"HTTP/1.0 200 OK"] * 2
+    finally:
+        release.set()
+        for c in busy:
+            c.close()

@@ -5,6 +5,10 @@ the request (API version, extended resource name), dials the plugin back synchro
 its options, then reads ListAndWatch in the background; capacity counts every device, allocatable
 only the healthy ones, and a stream that ends marks the resource's devices unhealthy. `restart()`
 deletes every socket in the directory and recreates kubelet.sock, as a restarting kubelet does.
+Each start is a new generation, as each kubelet process is: a call that an older generation was still
+handling when it stopped (a Register waiting on its dial-back) is dropped, never counted by the new
+one, because a kubelet that died mid-call keeps nothing of it; registrations and endpoints say which
+generation accepted them.
 `admit()` admits a pod like the device manager (pick healthy free devices, GetPreferredAllocation when
 there is a choice, Allocate) and records it, so the PodResources API it also serves lists it.
 Used by `demo`, the tests and the benchmarks.
@@ -18,6 +22,7 @@ import time
 from collections.abc import Callable
 from concurrent import futures
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import grpc
 
@@ -30,6 +35,13 @@ SUPPORTED_VERSIONS = ("v1beta1",)
 DIAL_TIMEOUT = 10.0
 
 
+class Registration(NamedTuple):
+    time: float
+    resource: str
+    endpoint: str
+    generation: int  # the kubelet start that accepted it
+
+
 @dataclass
 class Endpoint:
     resource: str
@@ -37,6 +49,7 @@ class Endpoint:
     channel: grpc.Channel
     stub: api_grpc.DevicePluginStub
     options: api.DevicePluginOptions
+    generation: int
     devices: dict[str, str] = field(default_factory=dict)  # id -> health
     topology: dict[str, list[int]] = field(default_factory=dict)
     updates: int = 0
@@ -44,7 +57,18 @@ class Endpoint:
     stream: object | None = None
 
 
-class FakeKubelet(api_grpc.RegistrationServicer):
+class _Registration(api_grpc.RegistrationServicer):
+    """The Registration service of one start of the kubelet: its calls carry that start's generation."""
+
+    def __init__(self, kubelet: FakeKubelet, generation: int) -> None:
+        self.kubelet = kubelet
+        self.generation = generation
+
+    def Register(self, request: api.RegisterRequest, context: grpc.ServicerContext) -> api.Empty:
+        return self.kubelet.register(request, context, self.generation)
+
+
+class FakeKubelet:
     def __init__(self, plugin_dir: str, pod_resources_socket: str | None = None) -> None:
         self.plugin_dir = plugin_dir
         self.socket = os.path.join(plugin_dir, "kubelet.sock")
@@ -53,7 +77,10 @@ class FakeKubelet(api_grpc.RegistrationServicer):
             PodResourcesServer(pod_resources_socket, self._pods_copy, self._allocatable_ids) if pod_resources_socket else None
         )
         self.endpoints: dict[str, Endpoint] = {}
-        self.registrations: list[tuple[float, str, str]] = []  # (time, resource, endpoint)
+        self.registrations: list[Registration] = []
+        self.dropped: list[tuple[int, str]] = []  # (generation, resource) of Registers that outlived their kubelet
+        self.generation = 0  # how many times it started: each start is a new kubelet process
+        self._running = False
         self.update_log: list[tuple[float, str, dict[str, str]]] = []  # (monotonic, resource, devices)
         self.reject: dict[str, str] = {}  # resource -> error to answer Register with
         self._cond = threading.Condition()
@@ -64,14 +91,19 @@ class FakeKubelet(api_grpc.RegistrationServicer):
         os.makedirs(self.plugin_dir, exist_ok=True)
         if self.pod_resources is not None:
             self.pod_resources.start()
+        with self._cond:
+            self.generation += 1
+            self._running = True
         server = grpc.server(futures.ThreadPoolExecutor(max_workers=8, thread_name_prefix="kubelet"))
-        api_grpc.add_RegistrationServicer_to_server(self, server)
+        api_grpc.add_RegistrationServicer_to_server(_Registration(self, self.generation), server)
         server.add_insecure_port(f"unix://{self.socket}")
         server.start()
         self._server = server
         return self
 
     def stop(self) -> None:
+        with self._cond:
+            self._running = False  # from here on, whatever this generation still does is dropped
         if self.pod_resources is not None:
             self.pod_resources.stop()
         if self._server is not None:
@@ -94,7 +126,7 @@ class FakeKubelet(api_grpc.RegistrationServicer):
         self.start()
 
     # --- Registration service -------------------------------------------------------------------
-    def Register(self, request: api.RegisterRequest, context: grpc.ServicerContext) -> api.Empty:
+    def register(self, request: api.RegisterRequest, context: grpc.ServicerContext, generation: int) -> api.Empty:
         if request.version not in SUPPORTED_VERSIONS:
             context.abort(grpc.StatusCode.UNKNOWN, f"Unsupported version {request.version!r}, expected one of {SUPPORTED_VERSIONS}")
         if request.resource_name in self.reject:
@@ -104,25 +136,33 @@ class FakeKubelet(api_grpc.RegistrationServicer):
             context.abort(grpc.StatusCode.UNKNOWN, f"invalid resource name {request.resource_name!r}: {error}")
         socket = os.path.join(self.plugin_dir, request.endpoint)
         try:
-            endpoint = self._connect(request.resource_name, socket)
+            endpoint = self._connect(request.resource_name, socket, generation)
         except Exception as exc:
             context.abort(grpc.StatusCode.UNKNOWN, f"cannot connect to device plugin at {socket}: {exc}")
         with self._cond:
-            old = self.endpoints.get(request.resource_name)
-            self.endpoints[request.resource_name] = endpoint
-            self.registrations.append((time.time(), request.resource_name, request.endpoint))
+            # The dial-back can take seconds: the kubelet that took this call may have stopped meanwhile.
+            current = self._running and generation == self.generation
+            if current:
+                old = self.endpoints.get(request.resource_name)
+                self.endpoints[request.resource_name] = endpoint
+                self.registrations.append(Registration(time.time(), request.resource_name, request.endpoint, generation))
+            else:
+                self.dropped.append((generation, request.resource_name))
             self._cond.notify_all()
+        if not current:
+            _close(endpoint)
+            context.abort(grpc.StatusCode.UNAVAILABLE, f"kubelet (start {generation}) stopped during the registration")
         if old is not None:
             _close(old)
         threading.Thread(target=self._watch, args=(endpoint,), daemon=True, name=f"law-{request.resource_name}").start()
         return api.Empty()
 
-    def _connect(self, resource: str, socket: str) -> Endpoint:
+    def _connect(self, resource: str, socket: str, generation: int) -> Endpoint:
         channel = grpc.insecure_channel(f"unix://{socket}")
         grpc.channel_ready_future(channel).result(timeout=DIAL_TIMEOUT)
         stub = api_grpc.DevicePluginStub(channel)
         options = stub.GetDevicePluginOptions(api.Empty(), timeout=DIAL_TIMEOUT)
-        return Endpoint(resource, socket, channel, stub, options)
+        return Endpoint(resource, socket, channel, stub, options, generation)
 
     def _watch(self, ep: Endpoint) -> None:
         try:
@@ -133,7 +173,8 @@ class FakeKubelet(api_grpc.RegistrationServicer):
                     ep.devices = devices
                     ep.topology = {d.ID: [n.ID for n in d.topology.nodes] for d in response.devices}
                     ep.updates += 1
-                    self.update_log.append((time.monotonic(), ep.resource, devices))
+                    if self.endpoints.get(ep.resource) is ep:  # not a replaced endpoint's, nor a stopped kubelet's
+                        self.update_log.append((time.monotonic(), ep.resource, devices))
                     self._cond.notify_all()
         except grpc.RpcError:
             pass
