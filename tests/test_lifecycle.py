@@ -388,7 +388,10 @@ def test_a_vfio_module_reload_recreating_dev_vfio_is_seen_without_the_timer(slow
     for name in ("vfio", "13", "14"):
         (h.node.dev / "vfio" / name).touch()
     h.wait_devices(R, {GPU1: "Healthy", GPU2: "Healthy"}, timeout=5)
-    assert str(h.node.dev / "vfio") in h.daemon.watcher.watching
+    # the parent's event for the new directory may be handled just after the rescan that saw its files
+    wait(lambda: str(h.node.dev / "vfio") in h.daemon.watcher.watching, 5, "the new /dev/vfio to be watched")
+    os.unlink(h.node.dev / "vfio" / "14")  # and the new watch delivers events
+    h.wait_devices(R, {GPU1: "Healthy", GPU2: "Unhealthy"}, timeout=5)
 
 
 @pytest.fixture
