@@ -18,6 +18,7 @@ ALLOWED: dict[str, set[str]] = {
     "discovery": {"config", "naming", "sysfs"},
     "pool": {"discovery", "naming", "sysfs"},
     "metrics": set(),
+    "jsontext": set(),
     "server": {"discovery", "metrics", "naming", "pool", "api"},
     "registration": {"api"},
     "watch": set(),
