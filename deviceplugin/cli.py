@@ -9,6 +9,7 @@ variable (`--config` <- VFIO_DP_CONFIG): the DaemonSet sets the variables, so a 
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import logging
 import os
@@ -19,9 +20,8 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
-from deviceplugin import __version__
+from deviceplugin import __version__, jsontext
 from deviceplugin.config import Config, ConfigError, load_config
-from deviceplugin.daemon import Daemon, Options
 from deviceplugin.discovery import Inventory, discover
 from deviceplugin.dra import options as dra_options
 from deviceplugin.naming import NAMINGS, PciIds, load_pci_ids
@@ -205,13 +205,17 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
     dra = inspect_view(inventory, args.sysfs_root, args.driver_name, args.kubelet_plugins_dir, os.environ.get("NODE_NAME"))
     if args.json:
-        print(json.dumps({**inventory_json(inventory, pci_ids, config.naming, held), "dra": dra}, indent=2))
+        print(jsontext.dumps({**inventory_json(inventory, pci_ids, config.naming, held), "dra": dra}))
     else:
         sys.stdout.write(inventory_text(inventory, pci_ids, config.naming, held) + "\n" + view_text(dra))
     return 0
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
+    # The daemon (grpc, watchdog, prometheus_client) is imported by the one command that runs it:
+    # `inspect`, `doctor` and `kubevirt-config` start in a third of the time without it.
+    from deviceplugin.daemon import Daemon, Options
+
     config, pci_ids = load_inputs(args)
     options = Options(
         args.sysfs_root,
@@ -298,6 +302,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return run_demo()
 
 
+LONG_RUNNING = frozenset({"serve", "demo"})
 COMMANDS = {
     "serve": cmd_serve,
     "inspect": cmd_inspect,
@@ -318,6 +323,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"vfio-device-plugin: error: {exc}", file=sys.stderr)
         return 2
     setup_logging(getattr(args, "log_level", "warning") if args.command != "demo" else "warning", getattr(args, "log_format", "text"))
+    if args.command not in LONG_RUNNING:
+        # A one-shot command builds its records and its report, prints and exits: the cyclic collector
+        # would only walk that growing heap of acyclic records again and again (10 ms of `inspect --json`
+        # on 4,096 functions). Reference counting still frees everything as usual.
+        gc.disable()
     try:
         return COMMANDS[args.command](args)
     except (ConfigError, UsageError) as exc:

@@ -15,9 +15,9 @@ import time
 from typing import Any, Protocol
 
 from deviceplugin.metrics import Recorder
-from deviceplugin.naming import SOCKET_PREFIX
+from deviceplugin.naming import KUBELET_SOCKET, SOCKET_PREFIX
 from deviceplugin.pool import DevicePool
-from deviceplugin.registration import BACKOFF, KUBELET_SOCKET, Registrar
+from deviceplugin.registration import BACKOFF, Registrar
 from deviceplugin.server import HEALTHY, UNHEALTHY, PluginServer
 
 log = logging.getLogger(__name__)

@@ -19,6 +19,7 @@ NAMINGS = ("short", "full")
 MAX_NAME = 63
 MAX_SOCKET_PATH = 107  # sun_path is 108 bytes including the terminating NUL
 SOCKET_PREFIX = "vfio-dp-"
+KUBELET_SOCKET = "kubelet.sock"  # the kubelet's Registration socket in the device-plugin dir
 
 _QUALIFIED_NAME = re.compile(r"^[A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?$")
 _DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")

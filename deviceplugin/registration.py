@@ -18,11 +18,11 @@ import grpc
 
 from deviceplugin.api.deviceplugin.v1beta1 import api_pb2 as api
 from deviceplugin.api.deviceplugin.v1beta1 import api_pb2_grpc as api_grpc
+from deviceplugin.naming import KUBELET_SOCKET
 
 log = logging.getLogger(__name__)
 
 API_VERSION = "v1beta1"
-KUBELET_SOCKET = "kubelet.sock"
 BACKOFF = (1.0, 2.0, 5.0, 10.0)  # then every 10 s, forever
 REGISTER_TIMEOUT = 12.0  # the kubelet dials us back synchronously with a 10 s timeout
 
