@@ -190,7 +190,7 @@ def load_inputs(args: argparse.Namespace) -> tuple[Config, PciIds]:
 
 
 def scan(args: argparse.Namespace, config: Config, pci_ids: PciIds) -> Inventory:
-    return discover(SysfsScanner(args.sysfs_root, args.dev_root).scan(), config, pci_ids)
+    return discover(SysfsScanner(args.sysfs_root, args.dev_root, once=True).scan(), config, pci_ids)
 
 
 def holdings(args: argparse.Namespace) -> Holdings:
