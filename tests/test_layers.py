@@ -28,7 +28,7 @@ ALLOWED: dict[str, set[str]] = {
     "report": {"discovery", "naming", "pool"},
     "doctor": {"discovery", "dra.options", "naming", "pool", "sysfs"},
     "kubevirt": {"discovery"},
-    "status": {"daemon", "report"},
+    "status": {"daemon", "jsontext", "report"},
     "hostuse": {"sysfs"},
     "bind": {"config", "discovery", "hostuse", "naming", "sysfs"},
     "sim.node": {"sysfs"},
