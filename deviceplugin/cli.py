@@ -212,7 +212,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    # The daemon (grpc, watchdog, prometheus_client) is imported by the one command that runs it:
+    # The daemon (grpc, protobuf, its inotify watches) is imported by the one command that runs it:
     # `inspect`, `doctor` and `kubevirt-config` start in a third of the time without it.
     from deviceplugin.daemon import Daemon, Options
 

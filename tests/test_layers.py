@@ -34,7 +34,7 @@ ALLOWED: dict[str, set[str]] = {
     "sim.node": {"sysfs"},
     "sim.kubelet": {"naming", "api", "sim.podresources"},
     "sim.podresources": {"api"},
-    "sim.drakubelet": {"api", "dra.kube", "sim.kubelet"},
+    "sim.drakubelet": {"api", "dra.kube", "sim.kubelet", "watch"},
     # the DRA mode (deviceplugin/dra/): pure parts below, the API client and the servers above them
     "dra.options": set(),
     "dra.files": set(),

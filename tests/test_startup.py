@@ -14,7 +14,16 @@ import pytest
 
 from deviceplugin.sim.node import gpu
 
-HEAVY = ("grpc", "google.protobuf", "watchdog", "prometheus_client", "deviceplugin.daemon", "deviceplugin.server", "lightkube")
+HEAVY = (
+    "grpc",
+    "google.protobuf",
+    "watchdog",
+    "prometheus_client",
+    "deviceplugin.daemon",
+    "deviceplugin.server",
+    "deviceplugin.watch",
+    "lightkube",
+)
 
 # Runs the console entry point in this interpreter, then names the heavy modules it loaded.
 PROBE = (
