@@ -120,9 +120,13 @@ def write_pci_ids(node: FakeNode) -> Path:
 
 
 def start_serve(node: FakeNode, *extra: str) -> subprocess.Popen[bytes]:
-    """`vfio-device-plugin serve` on the node, as its own process (as on a real node)."""
+    """`vfio-device-plugin serve` on the node, as its own process (as on a real node).
+
+    Its pci.ids is the two-line PCI_IDS_TEXT, unless VDP_BENCH_BUNDLED_PCI_IDS is set: then the newest
+    of the bundled and the system's copy, as on a node."""
+    pci_ids = None if os.environ.get("VDP_BENCH_BUNDLED_PCI_IDS") else write_pci_ids(node)
     return subprocess.Popen(
-        [sys.executable, "-m", "deviceplugin", "serve", "--log-level", "error", *node.cli_args(write_pci_ids(node)), *extra],
+        [sys.executable, "-m", "deviceplugin", "serve", "--log-level", "error", *node.cli_args(pci_ids), *extra],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
@@ -142,14 +146,20 @@ def wait_until(predicate, timeout: float, what: str) -> None:
 
 
 @contextmanager
-def serving(functions: int) -> Iterator[tuple[FakeNode, FakeKubelet, subprocess.Popen[bytes]]]:
-    """A synthetic node served by `serve` in its own process and registered with a test kubelet."""
+def serving(functions: int, real: bool = False) -> Iterator[tuple[FakeNode, FakeKubelet, subprocess.Popen[bytes]]]:
+    """A synthetic node served by `serve` in its own process and registered with a test kubelet.
+
+    real: laid out like a server's sysfs (`sysfs_node`), else the flat `gpu_node` (group 100 first)."""
     with tempfile.TemporaryDirectory(prefix="vdp", dir=TMP) as root:
-        node = gpu_node(root, functions)
+        if real:
+            layout = sysfs_node(root, functions)
+            node, gpus = layout.node, len(layout.gpus)
+        else:
+            node, gpus = gpu_node(root, functions), functions // 4
         kubelet = FakeKubelet(str(node.plugins)).start()
         proc = start_serve(node)
         try:
-            wait_until(lambda: kubelet.allocatable().get(RESOURCE) == functions // 4, 60, "registration")
+            wait_until(lambda: kubelet.allocatable().get(RESOURCE) == gpus, 60, "registration")
             yield node, kubelet, proc
         finally:
             proc.terminate()

@@ -1,4 +1,4 @@
-"""The inotify watches, on real directories."""
+"""The inotify watches and the idle rescan's driver check, on real directories."""
 
 from __future__ import annotations
 
@@ -7,6 +7,8 @@ import queue
 import shutil
 import threading
 
+from deviceplugin.sim.node import FakeNode, Fn
+from deviceplugin.sysfs import SysfsScanner
 from deviceplugin.watch import DirWatcher
 
 
@@ -55,3 +57,20 @@ def test_every_directory_shares_one_instance_and_one_thread(tmp_path):
     finally:
         watcher.stop()
     assert inotify_instances() == before_fds
+
+
+def test_an_idle_rescan_of_many_functions_sees_a_rebind_and_keeps_unchanged_records(tmp_path):
+    node = FakeNode(tmp_path / "n").host()
+    node.add_all([Fn(f"0000:{b:02x}:00.{f}", "10de", "1e84", "030000", "vfio-pci", str(b)) for b in range(1, 6) for f in range(4)])
+    scanner = SysfsScanner(str(node.sys), str(node.dev))
+    first = scanner.scan()
+    assert len(first.functions) == 20  # over 4 x the one driver: the drivers' directories are listed, not each link
+    assert scanner.scan().functions == first.functions
+    node.bind("0000:03:00.1", "snd_hda_intel")
+    after = scanner.scan()
+    assert next(f for f in after.functions if f.address == "0000:03:00.1").driver == "snd_hda_intel"
+    # A drivers/ entry missing (a bind half done): the function's own link decides, and its record stays the same object.
+    os.unlink(node.sys / "bus" / "pci" / "drivers" / "vfio-pci" / "0000:04:00.0")
+    again = scanner.scan()
+    old = next(f for f in after.functions if f.address == "0000:04:00.0")
+    assert next(f for f in again.functions if f.address == "0000:04:00.0") is old
