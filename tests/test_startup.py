@@ -25,11 +25,10 @@ HEAVY = (
     "lightkube",
 )
 
-# Runs the console entry point in this interpreter, then names the heavy modules it loaded.
+# Runs the command's main() in this interpreter (the console script would end the process with it), then
+# names the heavy modules it loaded.
 PROBE = (
-    "import sys, runpy; sys.argv = ['vfio-device-plugin', *sys.argv[1:]]\n"
-    "try:\n    runpy.run_module('deviceplugin', run_name='__main__')\n"
-    "except SystemExit:\n    pass\n"
+    "import sys\nfrom deviceplugin.cli import main\nmain(sys.argv[1:])\n"
     f"heavy = {HEAVY!r}\n"
     "print('LOADED', sorted({m for m in sys.modules for h in heavy if m == h or m.startswith(h + '.')} | "
     "({'yaml'} & set(sys.modules))), file=sys.stderr)\n"
