@@ -123,10 +123,20 @@ def start_serve(node: FakeNode, *extra: str) -> subprocess.Popen[bytes]:
     """`vfio-device-plugin serve` on the node, as its own process (as on a real node).
 
     Its pci.ids is the two-line PCI_IDS_TEXT, unless VDP_BENCH_BUNDLED_PCI_IDS is set: then the newest
-    of the bundled and the system's copy, as on a node."""
+    of the bundled and the system's copy, as on a node. VDP_BENCH_PYTHON names another interpreter (an
+    install of another version) to serve with, on the same tree."""
     pci_ids = None if os.environ.get("VDP_BENCH_BUNDLED_PCI_IDS") else write_pci_ids(node)
     return subprocess.Popen(
-        [sys.executable, "-m", "deviceplugin", "serve", "--log-level", "error", *node.cli_args(pci_ids), *extra],
+        [
+            os.environ.get("VDP_BENCH_PYTHON", sys.executable),
+            "-m",
+            "deviceplugin",
+            "serve",
+            "--log-level",
+            "error",
+            *node.cli_args(pci_ids),
+            *extra,
+        ],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
