@@ -540,7 +540,7 @@ def _iommu_check(snapshot: NodeSnapshot) -> Check:
 
 def run(options: Options, roots: Roots, config: Config, pci_ids: PciIds, kernel: KernelIO, config_path: str | None = None) -> Report:
     """Plans every requested group, refuses all if any is refused, else runs them in order until one fails."""
-    snapshot = SysfsScanner(roots.sysfs, roots.dev).scan()
+    snapshot = SysfsScanner(roots.sysfs, roots.dev, once=True).scan()
     report = Report(options.action, options.dry_run)
     if options.action == BIND:
         report.checks.append(_iommu_check(snapshot))

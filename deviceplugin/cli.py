@@ -9,6 +9,7 @@ variable (`--config` <- VFIO_DP_CONFIG): the DaemonSet sets the variables, so a 
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import logging
 import os
@@ -19,9 +20,8 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
-from deviceplugin import __version__
+from deviceplugin import __version__, jsontext
 from deviceplugin.config import Config, ConfigError, load_config
-from deviceplugin.daemon import Daemon, Options
 from deviceplugin.discovery import Inventory, discover
 from deviceplugin.dra import options as dra_options
 from deviceplugin.naming import NAMINGS, PciIds, load_pci_ids
@@ -196,7 +196,7 @@ def load_inputs(args: argparse.Namespace) -> tuple[Config, PciIds]:
 
 
 def scan(args: argparse.Namespace, config: Config, pci_ids: PciIds) -> Inventory:
-    return discover(SysfsScanner(args.sysfs_root, args.dev_root).scan(), config, pci_ids)
+    return discover(SysfsScanner(args.sysfs_root, args.dev_root, once=True).scan(), config, pci_ids)
 
 
 def holdings(args: argparse.Namespace) -> Holdings:
@@ -211,13 +211,17 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
     dra = inspect_view(inventory, args.sysfs_root, args.driver_name, args.kubelet_plugins_dir, os.environ.get("NODE_NAME"))
     if args.json:
-        print(json.dumps({**inventory_json(inventory, pci_ids, config.naming, held), "dra": dra}, indent=2))
+        print(jsontext.dumps({**inventory_json(inventory, pci_ids, config.naming, held), "dra": dra}))
     else:
         sys.stdout.write(inventory_text(inventory, pci_ids, config.naming, held) + "\n" + view_text(dra))
     return 0
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
+    # The daemon (grpc, protobuf, its inotify watches) is imported by the one command that runs it:
+    # `inspect`, `doctor` and `kubevirt-config` start in a third of the time without it.
+    from deviceplugin.daemon import Daemon, Options
+
     config, pci_ids = load_inputs(args)
     options = Options(
         args.sysfs_root,
@@ -304,6 +308,30 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return run_demo()
 
 
+LONG_RUNNING = frozenset({"serve", "demo"})
+_exit_state = {"one_shot": False}
+
+
+def run() -> None:
+    """The console script and `python -m deviceplugin`: main(), and its exit status.
+
+    After a one-shot command the process ends with os._exit once its output is flushed: tearing the
+    interpreter down frees every object of the report one by one first (12 ms after `inspect --json`
+    on 4,096 functions), which the kernel does at once. Nothing else is pending then: logging flushes
+    each record, and no thread of such a command has work that must finish. A flush that fails (a
+    closed pipe) goes the usual way, so Python reports it as it always has.
+    """
+    code = main()
+    if _exit_state["one_shot"]:
+        try:
+            sys.stdout.flush()
+            sys.stderr.flush()
+        except OSError:
+            sys.exit(code)
+        os._exit(code)
+    sys.exit(code)
+
+
 COMMANDS = {
     "serve": cmd_serve,
     "inspect": cmd_inspect,
@@ -324,6 +352,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"vfio-device-plugin: error: {exc}", file=sys.stderr)
         return 2
     setup_logging(getattr(args, "log_level", "warning") if args.command != "demo" else "warning", getattr(args, "log_format", "text"))
+    if args.command not in LONG_RUNNING:
+        # A one-shot command builds its records and its report, prints and exits: the cyclic collector
+        # would only walk that growing heap of acyclic records again and again (10 ms of `inspect --json`
+        # on 4,096 functions). Reference counting still frees everything as usual.
+        gc.disable()
+        _exit_state["one_shot"] = True
     try:
         return COMMANDS[args.command](args)
     except (ConfigError, UsageError) as exc:

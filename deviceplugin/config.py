@@ -26,8 +26,6 @@ from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-import yaml
-
 from deviceplugin.naming import NAMINGS, resource_name_error
 from deviceplugin.sysfs import PciFunction, is_vfio_driver, parse_address
 
@@ -110,6 +108,8 @@ def _no_lines(_path: Path) -> int | None:
 
 def _yaml_lines(text: str) -> Callable[[Path], int | None]:
     """Maps a key path to its 1-based line in the YAML text (the closest enclosing node's line)."""
+    import yaml
+
     try:
         root = yaml.compose(text)
     except yaml.YAMLError:
@@ -140,6 +140,8 @@ def load_config(path: str | None, naming_override: str | None = None) -> Config:
     data: Any = {}
     lines: Callable[[Path], int | None] = _no_lines
     if path:
+        import yaml  # only with a config file: most commands run on the defaults
+
         try:
             with open(path, encoding="utf-8") as f:
                 text = f.read()

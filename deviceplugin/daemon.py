@@ -147,9 +147,11 @@ class Daemon:
                 log.info("PodResources API answers: holders are known")
             else:
                 log.warning("holder unknown: %s", holdings.error)
-        for change in self.pool.set_holdings(holdings):
+        changes = self.pool.set_holdings(holdings)
+        for change in changes:
             _log_change(change)
-        self._record()
+        if changes or holdings.ok or previous.ok:  # still unanswered: no metric can have moved
+            self._record()
 
     def _record(self) -> None:
         """Metrics from the pool: health counts, companion tokens, and who holds what."""

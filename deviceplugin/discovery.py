@@ -12,6 +12,7 @@ they cannot disagree about whether a device is usable.
 
 from __future__ import annotations
 
+import functools
 from collections import defaultdict
 from dataclasses import dataclass
 
@@ -263,8 +264,13 @@ def _index(snapshot: NodeSnapshot) -> _NodeIndex:
 
 def role_of(fn: PciFunction) -> str | None:
     """The companion role a card function can play, by its class: audio, usb or serial (UCSI)."""
+    return _role_of_class(fn.class_code)
+
+
+@functools.cache
+def _role_of_class(class_code: str) -> str | None:
     for role, prefixes in COMPANION_ROLES.items():
-        if any(fn.class_code.startswith(p) for p in prefixes):
+        if any(class_code.startswith(p) for p in prefixes):
             return role
     return None
 

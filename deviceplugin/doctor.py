@@ -17,9 +17,17 @@ from dataclasses import asdict, dataclass
 
 from deviceplugin.discovery import Device, GroupReport, Inventory, class_name, describe, foreign_functions
 from deviceplugin.dra.options import DEFAULT_DRIVER, DEFAULT_REGISTRY_DIR, registration_socket_name
-from deviceplugin.naming import MAX_SOCKET_PATH, NAMINGS, SOCKET_PREFIX, PciIds, auto_name, resource_name_error, socket_name
+from deviceplugin.naming import (
+    KUBELET_SOCKET,
+    MAX_SOCKET_PATH,
+    NAMINGS,
+    SOCKET_PREFIX,
+    PciIds,
+    auto_name,
+    resource_name_error,
+    socket_name,
+)
 from deviceplugin.pool import Holdings
-from deviceplugin.registration import KUBELET_SOCKET
 from deviceplugin.sysfs import ADDRESS_RE, is_vfio_driver
 
 OK, WARN, FAIL = "ok", "warn", "fail"

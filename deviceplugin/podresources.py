@@ -113,6 +113,8 @@ class Poller:
 
     def request(self) -> None:
         with self._cond:
+            if self._wanted:
+                return  # one is pending already: waking the thread again (on every Allocate) only costs the caller
             self._wanted = True
             self._cond.notify_all()
 

@@ -129,8 +129,9 @@ class DevicePool:
         """A fresh PodResources answer: rebuild the holds from it (keeping our own unconfirmed ones a while)."""
         with self._cond:
             self._holdings = holdings
-            if holdings.ok:
-                self._holds = _holds_from(holdings, self._base, self._holds, time.monotonic())
+            if not holdings.ok:
+                return []  # the holds stay as they were (and as published): nothing to publish anew
+            self._holds = _holds_from(holdings, self._base, self._holds, time.monotonic())
             return self._publish()
 
     def _publish(self) -> list[Change]:

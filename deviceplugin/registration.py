@@ -24,11 +24,11 @@ import grpc
 
 from deviceplugin.api.deviceplugin.v1beta1 import api_pb2 as api
 from deviceplugin.api.deviceplugin.v1beta1 import api_pb2_grpc as api_grpc
+from deviceplugin.naming import KUBELET_SOCKET
 
 log = logging.getLogger(__name__)
 
 API_VERSION = "v1beta1"
-KUBELET_SOCKET = "kubelet.sock"
 BACKOFF = (1.0, 2.0, 5.0, 10.0)  # then every 10 s, forever
 REGISTER_TIMEOUT = 12.0  # the kubelet dials us back synchronously with a 10 s timeout
 
@@ -191,9 +191,11 @@ class Registrar:
                     continue  # a new server for the resource was requested meanwhile: that request wins
                 if error is None:
                     del self._pending[resource]
-                    # Seen the same before and after the call: that instance took it. Otherwise the
+                    # Seen the same before and after the call: that instance took it. None before: the
+                    # socket appeared just before the call, so the one after took it. Otherwise the
                     # kubelet restarted during the call, and the next request registers again.
-                    self._done[resource] = _Done(pending.endpoint, pending.server, after if before == after else None, time.time())
+                    taken = after if before in (None, after) else None
+                    self._done[resource] = _Done(pending.endpoint, pending.server, taken, time.time())
                 else:
                     pending.due = time.monotonic() + self.backoff[min(pending.attempts, len(self.backoff) - 1)]
                     pending.attempts += 1

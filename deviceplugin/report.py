@@ -20,13 +20,17 @@ def _holder_json(holder: Holder | None) -> dict[str, str] | None:
     return {"namespace": holder.namespace, "pod": holder.pod, "container": holder.container} if holder else None
 
 
-def group_holder(inv: Inventory, g: GroupReport, holdings: Holdings) -> Holder | None:
-    """Who holds the group: the holder of any of its devices (a group goes to one pod only)."""
+def group_holders(inv: Inventory, holdings: Holdings) -> dict[str, Holder]:
+    """IOMMU group -> who holds it: the holder of the first of its devices that is held (a group goes to
+    one pod only). One pass over the devices: asking per group made `inspect` quadratic in the groups."""
+    out: dict[str, Holder] = {}
+    if not holdings.devices:
+        return out
     for resource, devices in inv.devices.items():
         for d in devices:
-            if d.group == g.id and not d.role and (h := holdings.holder(resource, d.id)) is not None:
-                return h
-    return None
+            if not d.role and d.group not in out and (h := holdings.holder(resource, d.id)) is not None:
+                out[d.group] = h
+    return out
 
 
 def token_holders(inv: Inventory, holdings: Holdings) -> dict[str, dict[str, Holder]]:
@@ -44,6 +48,7 @@ def _pod_resources_json(holdings: Holdings) -> dict[str, Any]:
 
 
 def inventory_json(inv: Inventory, pci_ids: PciIds, naming: str, holdings: Holdings = NOT_ASKED) -> dict[str, Any]:
+    holders = group_holders(inv, holdings)
     return {
         "version": __version__,
         "host": {
@@ -58,7 +63,7 @@ def inventory_json(inv: Inventory, pci_ids: PciIds, naming: str, holdings: Holdi
             "naming": naming,
             "notes": list(inv.notes),
         },
-        "groups": [_group_json(g, group_holder(inv, g, holdings)) for g in inv.groups],
+        "groups": [_group_json(g, holders.get(g.id)) for g in inv.groups],
         "resources": {r: list(ids) for r, ids in inv.offered().items()},
         "pod_resources": _pod_resources_json(holdings),
         "token_holders": {r: {t: _holder_json(h) for t, h in tokens.items()} for r, tokens in token_holders(inv, holdings).items()},
@@ -140,13 +145,14 @@ def inventory_text(inv: Inventory, pci_ids: PciIds, naming: str, holdings: Holdi
         held = ", ".join(f"{n} by {pod}" for pod, n in sorted(by_pod.items()))
         lines.append(f"  {resource} tokens held: {held}")
     others = []
+    holders = group_holders(inv, holdings)
     for g in inv.groups:
         if g.primary is None:
             members = ", ".join(f"{fn.address[5:]} {class_name(fn.class_code)} {fn.driver or '-'}" for fn in g.functions)
             others.append(f"{g.id} [{members}]")
             continue
         lines.append("")
-        lines.extend(_group_text(g, group_holder(inv, g, holdings)))
+        lines.extend(_group_text(g, holders.get(g.id)))
     if others:
         lines += ["", "Groups with no display controller and nothing on vfio-pci (not candidates):"]
         lines += [f"  group {o}" for o in others]

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import errno
 import io
-import json
 import logging
 import socket
 import socketserver
@@ -27,6 +26,7 @@ from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
+from deviceplugin import jsontext
 from deviceplugin.daemon import Daemon
 from deviceplugin.report import inventory_json
 
@@ -118,7 +118,7 @@ class _Handler(BaseHTTPRequestHandler):
         if path == "/metrics":
             self._send(200, self.daemon_ref.recorder.exposition(), "text/plain; version=0.0.4; charset=utf-8")
         elif path == "/status":
-            body = json.dumps(status_document(self.daemon_ref), indent=2).encode()
+            body = jsontext.dumps(status_document(self.daemon_ref)).encode()
             self._send(200, body, "application/json")
         elif path == "/healthz":
             ok, why = health(self.daemon_ref)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import re
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 ADDRESS_RE = re.compile(r"^[0-9a-f]{4,8}:[0-9a-f]{2}:[0-9a-f]{2}\.[0-7]$")
 _SHORT_ADDRESS_RE = re.compile(r"^([0-9a-f]{4,8}:)?[0-9a-f]{2}:[0-9a-f]{2}\.[0-7]$")
@@ -77,8 +78,7 @@ class NodeSnapshot:
     devnodes: frozenset[str]  # names in /dev/vfio: group numbers (and "vfio")
 
 
-@dataclass(frozen=True, slots=True)
-class _Static:
+class _Static(NamedTuple):  # internal, one per function: builds in 0.24 us, a frozen dataclass in 0.87 us
     vendor: str
     device: str
     class_code: str
@@ -90,8 +90,7 @@ class _Static:
     physfn: str | None  # a VF's PF never changes while the VF exists
 
 
-@dataclass(frozen=True, slots=True)
-class _Cached:
+class _Cached(NamedTuple):
     key: tuple[int, int]
     static: _Static
     record: PciFunction | None  # None: the function was a problem last time
@@ -164,12 +163,17 @@ def _listdir(path: str) -> list[str]:
 
 
 class SysfsScanner:
-    """Scans `<sysfs_root>/bus/pci/devices` and `<dev_root>/vfio`. Reuse one instance for cheap rescans."""
+    """Scans `<sysfs_root>/bus/pci/devices` and `<dev_root>/vfio`. Reuse one instance for cheap rescans.
 
-    def __init__(self, sysfs_root: str = "/sys", dev_root: str = "/dev") -> None:
+    `once=True` (a command that scans one time) keeps no cache, and so skips the lstat per function
+    that only the cache's key needs.
+    """
+
+    def __init__(self, sysfs_root: str = "/sys", dev_root: str = "/dev", once: bool = False) -> None:
         self.sysfs_root = sysfs_root
         self.dev_root = dev_root
         self.devices_dir = os.path.join(sysfs_root, "bus", "pci", "devices")
+        self.once = once
         # Per address: the entry's (inode, ctime), its static attributes and the last record. An
         # unchanged rescan returns the very same record objects, so the snapshot compares equal by
         # identity and the daemon skips discovery.
@@ -182,13 +186,23 @@ class SysfsScanner:
         known_groups = _listing(os.path.join(self.sysfs_root, "kernel", "iommu_groups"))
         known_drivers = _listing(os.path.join(self.sysfs_root, "bus", "pci", "drivers"))
         iommufd = os.path.exists(os.path.join(self.dev_root, "iommu"))
-        seen: set[str] = set()
         try:
             entries = list(os.scandir(self.devices_dir))
         except OSError:
             entries = []
+        seen = {entry.name for entry in entries}
+        cache = self._cache
+        bound = self._bound(known_drivers) if known_drivers is not None and len(cache) > 4 * len(known_drivers) else None
         for entry in entries:
-            seen.add(entry.name)
+            cached = cache.get(entry.name)
+            if cached is not None and cached.record is not None and not iommufd:
+                # The common rescan, inline (the daemon's idle cost): the entry's key, and its driver.
+                record = cached.record
+                if cached.key == _entry_key(entry):
+                    driver = bound.get(entry.name) if bound is not None else _link_name(entry.path + "/driver")
+                    if driver == record.driver:
+                        functions.append(record)
+                        continue
             result = self._read_function(entry, known_groups, known_drivers, iommufd)
             if isinstance(result, PciFunction):
                 functions.append(result)
@@ -205,6 +219,8 @@ class SysfsScanner:
         self, entry: os.DirEntry[str], known_groups: frozenset[str] | None, known_drivers: frozenset[str] | None, iommufd: bool
     ) -> PciFunction | FunctionProblem:
         address = entry.name
+        if self.once:
+            return self._read_new(entry, known_groups, known_drivers, iommufd)
         key = _entry_key(entry)
         cached = self._cache.get(address)
         if cached is not None and cached.key == key:
@@ -218,14 +234,39 @@ class SysfsScanner:
             read = read_static(entry.path, address)
             if isinstance(read, FunctionProblem):
                 return read  # not cached: read again next time
-            static = read
-            driver = _link_name(f"{entry.path}/driver")
+            static, driver = read
         result = self._record(address, entry.path, static, driver, known_groups, known_drivers, iommufd)
         record = result if isinstance(result, PciFunction) else None
         if record is not None and cached is not None and cached.record == record:
             record = result = cached.record
         self._cache[address] = _Cached(key, static, record)
         return result
+
+    def _bound(self, drivers: frozenset[str]) -> dict[str, str]:
+        """address -> driver, from the drivers' directories (bus/pci/drivers/<driver>/<address> links).
+
+        On a node with many more functions than drivers, a few directory listings tell whether any
+        driver changed, instead of a readlink per function through the bridges above it (half of an
+        idle rescan of 1,024 functions). Only a change detector: a function whose driver looks changed
+        is read through its own `driver` link, which stays the truth.
+        """
+        out: dict[str, str] = {}
+        base = os.path.join(self.sysfs_root, "bus", "pci", "drivers")
+        for driver in drivers:
+            for name in _listdir(os.path.join(base, driver)):
+                out[name] = driver
+        return out
+
+    def _read_new(
+        self, entry: os.DirEntry[str], known_groups: frozenset[str] | None, known_drivers: frozenset[str] | None, iommufd: bool
+    ) -> PciFunction | FunctionProblem:
+        """A function read in full, without the cache (see `once`)."""
+        if not ADDRESS_RE.match(entry.name):
+            return FunctionProblem(entry.name, "not a PCI address (expected DDDD:BB:DD.F)")
+        read = read_static(entry.path, entry.name)
+        if isinstance(read, FunctionProblem):
+            return read
+        return self._record(entry.name, entry.path, *read, known_groups, known_drivers, iommufd)
 
     @staticmethod
     def _record(
@@ -249,20 +290,9 @@ class SysfsScanner:
         if iommufd and is_vfio_driver(driver):  # the cdev only matters (and exists) with iommufd
             names = _listdir(f"{base}/vfio-dev")
             cdev = min(names) if names else None
-        return PciFunction(
-            address=address,
-            vendor=static.vendor,
-            device=static.device,
-            class_code=static.class_code,
-            subsystem_vendor=static.subsystem_vendor,
-            subsystem_device=static.subsystem_device,
-            driver=driver,
-            iommu_group=group,
-            numa_node=static.numa_node,
-            boot_vga=static.boot_vga,
-            vfio_cdev=cdev,
-            physfn=static.physfn,
-        )
+        # positional, in field order: address, vendor, device, class_code, subsystem_vendor, subsystem_device,
+        # driver, iommu_group, numa_node, boot_vga, vfio_cdev, physfn (the _Static tuple holds five of them in order)
+        return PciFunction(address, *static[:5], driver, group, static.numa_node, static.boot_vga, cdev, static.physfn)
 
     def _host(self, group_count: int) -> HostInfo:
         module_dir = os.path.join(self.sysfs_root, "module")
@@ -278,25 +308,43 @@ class SysfsScanner:
         return frozenset(_listdir(os.path.join(self.dev_root, "vfio")))
 
 
-def read_static(base: str, address: str) -> _Static | FunctionProblem:
-    """Reads the attributes that do not change while the device stays plugged in.
+def read_static(base: str, address: str) -> tuple[_Static, str | None] | FunctionProblem:
+    """Reads the attributes that do not change while the device stays plugged in, and the driver.
 
     The files are opened relative to the function's directory, so the kernel resolves the
-    bus/pci/devices symlink once per function instead of once per file.
+    bus/pci/devices symlink (and the bridges above the function) once per function instead of once
+    per file (the driver link included).
     """
     try:
         dir_fd = os.open(base, os.O_RDONLY | os.O_DIRECTORY)
     except OSError as exc:
         return FunctionProblem(address, f"cannot open its sysfs directory: {exc.strerror}")
     try:
-        return _read_static_at(dir_fd, address)
+        ids = _ids_at(dir_fd, address)
+        if isinstance(ids, FunctionProblem):
+            return ids
+        numa_raw = read_attr("numa_node", dir_fd)
+        try:
+            numa = int(numa_raw) if numa_raw is not None else -1
+        except ValueError:
+            return FunctionProblem(address, f"garbled numa_node {numa_raw!r}")
+        boot_vga = ids[2].startswith("03") and read_attr("boot_vga", dir_fd) == "1"
+        group = _link_name("iommu_group", dir_fd)
+        physfn = _link_name("physfn", dir_fd)
+        driver = _link_name("driver", dir_fd)
     finally:
         os.close(dir_fd)
+    pf = physfn if physfn is not None and ADDRESS_RE.match(physfn) else None
+    return _Static(*ids, max(numa, -1), boot_vga, group, pf), driver
 
 
 _UEVENT_ID = re.compile(r"^PCI_ID=([0-9A-Fa-f]{4}):([0-9A-Fa-f]{4})$", re.M)
 _UEVENT_CLASS = re.compile(r"^PCI_CLASS=([0-9A-Fa-f]{1,6})$", re.M)
 _UEVENT_SUBSYS = re.compile(r"^PCI_SUBSYS_ID=([0-9A-Fa-f]{4}):([0-9A-Fa-f]{4})$", re.M)
+# The three lines as the kernel writes them, in its order (pci_uevent): one search instead of three.
+_UEVENT_ALL = re.compile(
+    r"^PCI_CLASS=([0-9A-Fa-f]{1,6})\nPCI_ID=([0-9A-Fa-f]{4}):([0-9A-Fa-f]{4})\nPCI_SUBSYS_ID=([0-9A-Fa-f]{4}):([0-9A-Fa-f]{4})$", re.M
+)
 
 
 def parse_uevent(text: str | None) -> tuple[str, str, str, str, str] | None:
@@ -307,6 +355,10 @@ def parse_uevent(text: str | None) -> tuple[str, str, str, str, str] | None:
     """
     if not text:
         return None
+    m = _UEVENT_ALL.search(text)
+    if m is not None and text.find("PCI_") == m.start():  # the first of each key: what the searches below would find
+        cls, vendor, device, sub_vendor, sub_device = m.group(1, 2, 3, 4, 5)
+        return vendor.lower(), device.lower(), cls.lower().rjust(6, "0"), sub_vendor.lower(), sub_device.lower()
     ids = _UEVENT_ID.search(text)
     cls = _UEVENT_CLASS.search(text)
     if ids is None or cls is None:
@@ -316,10 +368,11 @@ def parse_uevent(text: str | None) -> tuple[str, str, str, str, str] | None:
     return ids.group(1).lower(), ids.group(2).lower(), cls.group(1).lower().rjust(6, "0"), sub_vendor, sub_device
 
 
-def _read_static_at(dir_fd: int, address: str) -> _Static | FunctionProblem:
+def _ids_at(dir_fd: int, address: str) -> tuple[str, str, str, str, str] | FunctionProblem:
+    """(vendor, device, class, subsystem vendor, subsystem device): from the uevent, else one file each."""
     from_uevent = parse_uevent(read_attr("uevent", dir_fd))
     if from_uevent is not None:
-        return _finish_static(dir_fd, address, *from_uevent)
+        return from_uevent
     vendor = parse_hex(read_attr("vendor", dir_fd), 4)
     device = parse_hex(read_attr("device", dir_fd), 4)
     class_code = parse_hex(read_attr("class", dir_fd), 6)
@@ -328,22 +381,7 @@ def _read_static_at(dir_fd: int, address: str) -> _Static | FunctionProblem:
         return FunctionProblem(address, f"missing or garbled sysfs attribute(s): {', '.join(bad)}")
     sub_vendor = parse_hex(read_attr("subsystem_vendor", dir_fd), 4) or ""
     sub_device = parse_hex(read_attr("subsystem_device", dir_fd), 4) or ""
-    return _finish_static(dir_fd, address, vendor, device, class_code, sub_vendor, sub_device)
-
-
-def _finish_static(
-    dir_fd: int, address: str, vendor: str, device: str, class_code: str, sub_vendor: str, sub_device: str
-) -> _Static | FunctionProblem:
-    numa_raw = read_attr("numa_node", dir_fd)
-    try:
-        numa = int(numa_raw) if numa_raw is not None else -1
-    except ValueError:
-        return FunctionProblem(address, f"garbled numa_node {numa_raw!r}")
-    boot_vga = class_code.startswith("03") and read_attr("boot_vga", dir_fd) == "1"
-    group = _link_name("iommu_group", dir_fd)
-    physfn = _link_name("physfn", dir_fd)
-    pf = physfn if physfn is not None and ADDRESS_RE.match(physfn) else None
-    return _Static(vendor, device, class_code, sub_vendor, sub_device, max(numa, -1), boot_vga, group, pf)
+    return vendor, device, class_code, sub_vendor, sub_device
 
 
 def parse_address(text: str) -> str | None:

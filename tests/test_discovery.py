@@ -444,3 +444,40 @@ def test_vfs_read_their_pf_from_sysfs(node, pci_ids):
     fns = {fn.address: fn for fn in SysfsScanner(str(node.sys), str(node.dev)).scan().functions}
     assert fns["0000:3b:02.0"].physfn == "0000:3b:00.0" and fns["0000:3b:00.0"].physfn is None
     assert os.readlink(node.device_dir("0000:3b:00.0") / "virtfn1").endswith("0000:3b:02.1")
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "PCI_ID=10DE:2484\nPCI_CLASS=30000\nPCI_SUBSYS_ID=1458:4037\n",  # not the kernel's order: each line on its own
+        "PCI_CLASS=30000\nPCI_ID=10DE:2484\nPCI_SUBSYS_ID=1458:4037\nPCI_SLOT_NAME=0000:01:00.0\n",
+        "DRIVER=vfio-pci\nPCI_CLASS=30000\nPCI_ID=10DE:2484\nPCI_SUBSYS_ID=1458:4037\nPCI_SLOT_NAME=0000:01:00.0\nMODALIAS=pci:v000010DEd00002484\n",
+    ],
+)
+def test_uevent_lines_in_any_order(text):
+    assert parse_uevent(text) == ("10de", "2484", "030000", "1458", "4037")
+
+
+def test_a_one_shot_scan_reads_the_same_records_on_a_nested_tree_with_every_attribute(tmp_path):
+    """FakeNode(full=True) nests functions below their bridges and writes every file a real node has."""
+    node = FakeNode(tmp_path / "n", full=True).host()
+    node.add_all(
+        [
+            Fn("0000:00:01.0", "8086", "347a", "060400", "pcieport", "1"),
+            Fn("0000:01:00.0", "10de", "2484", "030000", "vfio-pci", "13", 1, boot_vga=False, parent="0000:00:01.0"),
+            Fn("0000:01:00.1", "10de", "228b", "040300", "vfio-pci", "13", 1, parent="0000:00:01.0"),
+            Fn("0000:02:00.0", "8086", "10fb", "020000", "ixgbe", "14", parent="0000:00:01.0"),
+            Fn("0000:02:10.0", "8086", "10ed", "020000", "vfio-pci", "15", physfn="0000:02:00.0", parent="0000:00:01.0"),
+        ]
+    )
+    gpu_dir = node.sys / "devices/pci0000:00/0000:00:01.0/0000:01:00.0"
+    assert {"config", "resource", "irq", "local_cpus", "enable", "modalias", "power", "msi_irqs"} <= set(os.listdir(gpu_dir))
+    assert os.readlink(gpu_dir / "iommu_group") == "../../../../kernel/iommu_groups/13"
+    cached = SysfsScanner(str(node.sys), str(node.dev))
+    first = cached.scan()
+    once = SysfsScanner(str(node.sys), str(node.dev), once=True).scan()
+    assert once == first and cached.scan() == first
+    vf = next(f for f in once.functions if f.address == "0000:02:10.0")
+    assert (vf.physfn, vf.iommu_group, vf.driver) == ("0000:02:00.0", "15", "vfio-pci")
+    gpu_fn = once.functions[1]
+    assert (gpu_fn.address, gpu_fn.class_code, gpu_fn.numa_node, gpu_fn.driver) == ("0000:01:00.0", "030000", 1, "vfio-pci")

@@ -70,10 +70,8 @@ def test_dra_mode_needs_a_node_name_and_a_valid_driver_name(node):
 def test_inspect_shows_what_dra_would_publish_without_loading_the_api_client(node):
     node.add_all(gpu("0000:01:00.0", "2484", "228b", "13", numa_node=0))
     node.add_all(gpu("0000:02:00.0", "1b06", "10ef", "14", audio_driver="snd_hda_intel"))
-    code = (
-        "import sys, runpy; sys.argv = ['vfio-device-plugin', *sys.argv[1:]]\n"
-        "try:\n    runpy.run_module('deviceplugin', run_name='__main__')\n"
-        "except SystemExit:\n    pass\n"
+    code = (  # main() itself: the console script would end the process with the command
+        "import sys\nfrom deviceplugin.cli import main\nmain(sys.argv[1:])\n"
         "print('LOADED' if any(m.split('.')[0] in ('lightkube', 'httpx2') for m in sys.modules) else 'CLEAN', file=sys.stderr)\n"
     )
     args = ["inspect", "--json", *node.cli_args(PCI_IDS_PATH), f"--kubelet-plugins-dir={node.root / 'plugins'}"]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import replace
 
 import pytest
@@ -14,7 +15,7 @@ from deviceplugin.dra.devices import device_name, group_devices, inventory_devic
 from deviceplugin.dra.options import driver_name_error
 from deviceplugin.dra.slices import MAX_DEVICES, desired_specs, slice_name
 from deviceplugin.dra.view import inspect_view, view_text
-from deviceplugin.sim.node import gpu
+from deviceplugin.sim.node import Fn, gpu
 
 DRIVER = "vfio-device-plugin.github.io"
 
@@ -169,3 +170,32 @@ def test_a_hung_api_server_never_holds_up_the_health_loop(node, pci_ids, hung_ap
         stop.set()
         daemon.notify("stop")
         thread.join(timeout=15)
+
+
+def test_pcie_root_reads_one_link_on_a_nested_tree_and_resolves_any_other_shape(node):
+    # As on real machines: the GPU below a switch below a root port, every directory nested.
+    node.add_all(
+        [
+            Fn("0000:00:01.0", "8086", "347a", "060400", "pcieport", "1"),
+            Fn("0000:01:00.0", "1000", "c010", "060400", "pcieport", "2", parent="0000:00:01.0"),
+            Fn("0000:02:00.0", "1000", "c010", "060400", "pcieport", "3", parent="0000:01:00.0"),
+            *[replace(fn, parent="0000:02:00.0") for fn in gpu("0000:03:00.0", "2484", "228b", "13")],
+            Fn("0000:fe:00.0", "8086", "344c", "088000", None, "20", parent="pci0000:fe"),
+        ]
+    )
+    sys = str(node.sys)
+    nested = "../../../devices/pci0000:00/0000:00:01.0/0000:01:00.0/0000:02:00.0/0000:03:00.0"
+    assert os.readlink(node.sys / "bus/pci/devices/0000:03:00.0") == nested
+    assert pcie_root(sys, "0000:03:00.0") == "pci0000:00" and pcie_root(sys, "0000:fe:00.0") == "pci0000:fe"
+    links = node.sys / "bus" / "pci" / "devices"
+    (node.sys / "devices" / "notpci" / "x").mkdir(parents=True)
+    odd = {
+        "abs": (str(node.device_dir("0000:03:00.0")), "pci0000:00"),  # an absolute link: resolved
+        "up": ("../../../devices/pci0000:00/../notpci/x", None),  # leaves pci0000:00 again
+        "dangling": ("../../../devices/pci0000:00/0000:99:00.0", None),
+        "root": ("../../../devices/pci0000:00", "pci0000:00"),  # the root complex itself
+        "notpci": ("../../../devices/notpci/x", None),
+    }
+    for name, (target, _) in odd.items():
+        (links / name).symlink_to(target)
+    assert {name: pcie_root(sys, name) for name in odd} == {name: want for name, (_, want) in odd.items()}

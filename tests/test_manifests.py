@@ -225,6 +225,13 @@ def test_dockerfile_copies_files_that_exist_and_is_multi_stage():
     assert "--no-cache-dir" in text
 
 
+def test_the_image_keeps_compiled_bytecode():
+    """Each `kubectl exec ... inspect` would otherwise compile every module it imports (73 -> 56 ms in the image)."""
+    build, final = dockerfile().split("\nFROM ")[1:]
+    assert "compileall" in build and "compileall" in final
+    assert build.index("__pycache__") < build.index("compileall")  # pip's own bytecode goes, ours stays
+
+
 def test_the_bundled_pci_ids_is_package_data():
     from importlib.resources import files
 

@@ -12,6 +12,7 @@ from deviceplugin.naming import (
     clamp_name,
     env_var_name,
     full_name,
+    load_pci_ids,
     parse_pci_ids,
     resource_name_error,
     short_name,
@@ -110,3 +111,24 @@ def test_socket_paths_stay_under_108_bytes():
     name = socket_name("example.com/" + "N" * 63, deep)
     assert len(os.path.join(deep, name).encode()) <= MAX_SOCKET_PATH
     assert name.startswith("vfio-dp-") and not name.startswith("kubevirt")
+
+
+def test_lookups_as_a_case_insensitive_line_match_would_find_them():
+    text = (
+        "# Version: 2026.01.02\n10DE  NVIDIA\r\n\t2484  GA104 [GeForce RTX 3070]\r\n\t2AbC  Upper\r\n"
+        "1002  AMD\n\t73df  Navi 22\n\t\t1002 0e36  Sub\nC 03  Display\n"
+    )
+    db = parse_pci_ids(text)
+    assert db.version == "2026.01.02" and db.vendor_name("10de") == "NVIDIA"
+    assert db.device_name("10de", "2abc") == "Upper" and db.device_name("10DE", "2484") == "GA104 [GeForce RTX 3070]"
+    assert db.device_name("1002", "73df") == "Navi 22" and db.device_name("1002", "0e36") is None  # a subsystem line is not a device
+    assert db.device_name("1002", "2484") is None and db.vendor_name("ffff") is None and db.vendor_name("03") is None
+
+
+def test_the_first_vendor_of_the_file_and_names_that_are_not_ascii(tmp_path):
+    """The file stays bytes; a name is decoded as text mode reads it (UTF-8, an undecodable byte replaced)."""
+    path = tmp_path / "pci.ids"
+    path.write_bytes(b"0001  SafeNet\n\t8139  AT-2500TX\n1c5c  SK hynix\n\tc935  82\xd0\xa1935 [MachOne]\n\tc936  bad \xff byte\n")
+    db = load_pci_ids(str(path))
+    assert db.vendor_name("0001") == "SafeNet" and db.device_name("0001", "8139") == "AT-2500TX"
+    assert db.device_name("1c5c", "c935") == "82С935 [MachOne]" and db.device_name("1c5c", "c936") == "bad \ufffd byte"

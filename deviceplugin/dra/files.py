@@ -8,11 +8,12 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from typing import Any
 
 
 def write_atomic(path: str, data: bytes, mode: int = 0o644) -> None:
+    import tempfile  # only the writers need it, not `inspect` reading the checkpoint
+
     directory = os.path.dirname(path)
     os.makedirs(directory, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=directory)

@@ -22,8 +22,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import grpc
-from watchdog.events import FileSystemEvent, FileSystemEventHandler
-from watchdog.observers import Observer
 
 from deviceplugin.api.dra.v1 import api_pb2 as v1
 from deviceplugin.api.dra.v1 import api_pb2_grpc as v1_grpc
@@ -33,6 +31,7 @@ from deviceplugin.api.pluginregistration.v1 import api_pb2 as reg
 from deviceplugin.api.pluginregistration.v1 import api_pb2_grpc as reg_grpc
 from deviceplugin.dra.kube import KubeApi
 from deviceplugin.sim.kubelet import wait_on
+from deviceplugin.watch import IN_CREATE, IN_DELETE, Inotify
 
 SERVICES: dict[str, tuple[Any, Any]] = {"v1.DRAPlugin": (v1, v1_grpc), "v1beta1.DRAPlugin": (v1beta1, v1beta1_grpc)}
 DIAL_TIMEOUT = 10.0  # the plugin watcher's dial timeout
@@ -49,16 +48,17 @@ class Plugin:
     registered_at: float
 
 
-class _Events(FileSystemEventHandler):
-    def __init__(self, created: Callable[[str], None], deleted: Callable[[str], None]) -> None:
+class _Events:
+    def __init__(self, directory: str, created: Callable[[str], None], deleted: Callable[[str], None]) -> None:
+        self.directory = directory
         self.created = created
         self.deleted = deleted
 
-    def on_any_event(self, event: FileSystemEvent) -> None:
-        path = str(event.src_path)
-        if event.event_type == "created":  # dialled in a thread of its own, as the kubelet's operation executor does
+    def __call__(self, wd: int, mask: int, name: str) -> None:
+        path = os.path.join(self.directory, name)
+        if mask & IN_CREATE:  # dialled in a thread of its own, as the kubelet's operation executor does
             threading.Thread(target=self.created, args=(path,), daemon=True).start()
-        elif event.event_type == "deleted":
+        elif mask & IN_DELETE:
             self.deleted(path)
 
 
@@ -89,18 +89,16 @@ class DraKubelet:
         os.makedirs(self.registry_dir, exist_ok=True)
         if wipe and self.api is not None:
             self.wipe()  # "no DRA driver has registered yet": the kubelet drops all of its node's slices
-        observer = Observer()
-        observer.schedule(_Events(self._register, self._deregister), self.registry_dir, recursive=False)
-        observer.daemon = True
-        observer.start()
-        self._observer = observer
+        inotify = Inotify(_Events(self.registry_dir, self._register, self._deregister))
+        inotify.add(self.registry_dir)
+        self._observer = inotify
         for name in sorted(os.listdir(self.registry_dir)):  # the watcher's initial walk
             self._register(os.path.join(self.registry_dir, name))
         return self
 
     def stop(self) -> None:
         if self._observer is not None:
-            self._observer.stop()
+            self._observer.close()
             self._observer = None
         for timer in self._timers:
             timer.cancel()

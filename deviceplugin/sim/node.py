@@ -9,6 +9,11 @@ on a real node. Layout (as on Linux):
     .../0000:01:00.0/driver -> ../../../bus/pci/drivers/vfio-pci
     sys/kernel/iommu_groups/13/devices/0000:01:00.0 -> ../../../../devices/pci0000:00/0000:01:00.0
     dev/vfio/vfio, dev/vfio/13   (plain files stand in for the character devices)
+
+A function with a `parent` (its bridge or root port) nests below it, as on real machines:
+`devices/pci0000:00/0000:00:01.0/0000:01:00.0/0000:02:00.0/...`. The tests write only the files the
+plugin reads; `FakeNode(root, full=True)` (the benchmarks) writes every attribute file and directory
+a real PCI function has, so the benchmarks walk trees as large as the kernel's.
 """
 
 from __future__ import annotations
@@ -50,14 +55,17 @@ class Fn:
     numa_node: int = -1
     boot_vga: bool | None = None
     physfn: str | None = None  # an SR-IOV VF: its PF's address (sysfs links physfn and the PF's virtfnN)
+    parent: str | None = None  # the bridge above it (an address already added), or a root complex ("pci0000:fe")
 
 
 class FakeNode:
     """A node under `root`: root/sys, root/dev, root/proc and root/device-plugins."""
 
-    def __init__(self, root: str | Path, uevent: bool = True) -> None:
+    def __init__(self, root: str | Path, uevent: bool = True, full: bool = False) -> None:
         self.root = Path(root)
         self.uevent = uevent  # Linux has one; FakeNode(root, uevent=False) exercises the per-file fallback
+        self.full = full  # every attribute file of a real function (benchmarks), not just what the plugin reads
+        self._dirs: dict[str, Path] = {}  # address -> its directory, for functions nested below a bridge
         self.sys = self.root / "sys"
         self.dev = self.root / "dev"
         self.proc = self.root / "proc"
@@ -83,9 +91,12 @@ class FakeNode:
 
     # --- functions -------------------------------------------------------------------------------
     def device_dir(self, address: str) -> Path:
-        return self.sys / "devices" / f"pci{address[:-8]}:00" / address
+        return self._dirs.get(address) or self.sys / "devices" / f"pci{address[:-8]}:00" / address
 
     def add(self, fn: Fn, devnode: bool = True) -> FakeNode:
+        if fn.parent is not None:
+            above = self.sys / "devices" / fn.parent if fn.parent.startswith("pci") else self.device_dir(fn.parent)
+            self._dirs[fn.address] = above / fn.address
         d = self.device_dir(fn.address)
         d.mkdir(parents=True, exist_ok=True)
         for name, value in (("vendor", fn.vendor), ("device", fn.device), ("subsystem_vendor", fn.vendor), ("subsystem_device", "0000")):
@@ -99,7 +110,8 @@ class FakeNode:
         (d / "numa_node").write_text(f"{fn.numa_node}\n")
         if fn.class_code.startswith("03"):
             (d / "boot_vga").write_text("1\n" if fn.boot_vga else "0\n")
-        (self.sys / "devices" / d.parent.name).mkdir(exist_ok=True)
+        if self.full:
+            write_full_attributes(d, fn, self.sys)
         _link(self.sys / "bus" / "pci" / "devices" / fn.address, d)
         if fn.group is not None:
             self.set_group(fn.address, fn.group)
@@ -123,7 +135,11 @@ class FakeNode:
     def set_group(self, address: str, group: str) -> None:
         d = self.device_dir(address)
         gdir = self.sys / "kernel" / "iommu_groups" / group / "devices"
-        gdir.mkdir(parents=True, exist_ok=True)
+        if not gdir.is_dir():
+            gdir.mkdir(parents=True)
+            if self.full:
+                (gdir.parent / "type").write_text("DMA\n")
+                (gdir.parent / "reserved_regions").write_text("0x00000000fee00000 0x00000000feefffff msi\n")
         _link(d / "iommu_group", gdir.parent)
         _link(gdir / address, d)
 
@@ -220,6 +236,97 @@ class FakeNode:
             str(self.plugins),
         ]
         return args + (["--pci-ids", str(pci_ids)] if pci_ids else [])
+
+
+# What a real PCI function's sysfs directory holds besides the files above (Linux 6.x, a PCIe GPU):
+# read-only attributes with their usual contents, write-only triggers, BAR files and subdirectories.
+_TEXT_ATTRIBUTES = {
+    "ari_enabled": "0",
+    "broken_parity_status": "0",
+    "consistent_dma_mask_bits": "64",
+    "current_link_speed": "16.0 GT/s PCIe",
+    "current_link_width": "16",
+    "d3cold_allowed": "1",
+    "dma_mask_bits": "64",
+    "driver_override": "(null)",
+    "enable": "1",
+    "irq": "16",
+    "local_cpulist": "0-31",
+    "local_cpus": "ffffffff",
+    "max_link_speed": "16.0 GT/s PCIe",
+    "max_link_width": "16",
+    "msi_bus": "1",
+    "power_state": "D0",
+    "reset_method": "flr bus",
+    "revision": "0xa1",
+    "aer_dev_correctable": "RxErr 0\nBadTLP 0\nBadDLLP 0\nRollover 0\nTimeout 0\nNonFatalErr 0\nTOTAL_ERR_COR 0",
+    "aer_dev_fatal": "Undefined 0\nDLP 0\nSDES 0\nTLP 0\nFCP 0\nCmpltTO 0\nUnxCmplt 0\nTOTAL_ERR_FATAL 0",
+    "aer_dev_nonfatal": "Undefined 0\nDLP 0\nSDES 0\nTLP 0\nFCP 0\nCmpltTO 0\nUnxCmplt 0\nTOTAL_ERR_NONFATAL 0",
+}
+_EMPTY_ATTRIBUTES = ("remove", "rescan", "reset", "rom", "resource0", "resource1", "resource1_wc", "resource3", "resource3_wc", "resource5")
+_POWER = {
+    "async": "enabled",
+    "autosuspend_delay_ms": "",
+    "control": "on",
+    "runtime_active_kids": "0",
+    "runtime_active_time": "123456",
+    "runtime_enabled": "forbidden",
+    "runtime_status": "active",
+    "runtime_suspended_time": "0",
+    "runtime_usage": "1",
+    "wakeup": "disabled",
+}
+
+
+def write_full_attributes(d: Path, fn: Fn, sys_root: Path) -> None:
+    """Every attribute file and directory of a real function, with plausible contents (benchmarks only)."""
+
+    def put(path: Path, data: str | bytes) -> None:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        try:
+            os.write(fd, data.encode() if isinstance(data, str) else data)
+        finally:
+            os.close(fd)
+
+    bridge = fn.class_code.startswith("0604")
+    for name, value in _TEXT_ATTRIBUTES.items():
+        put(d / name, value + "\n")
+    for name in _EMPTY_ATTRIBUTES:
+        put(d / name, "")
+    cls = int(fn.class_code, 16)
+    put(
+        d / "modalias",
+        f"pci:v0000{fn.vendor.upper()}d0000{fn.device.upper()}sv0000{fn.vendor.upper()}sd00000000"
+        f"bc{cls >> 16:02X}sc{(cls >> 8) & 0xFF:02X}i{cls & 0xFF:02X}\n",
+    )
+    lines = [f"0x{0xF000_0000 + i * 0x100_0000:016x} 0x{0xF0FF_FFFF + i * 0x100_0000:016x} 0x{0x40200:016x}" for i in range(3)]
+    put(d / "resource", "\n".join(lines + [f"0x{0:016x} 0x{0:016x} 0x{0:016x}"] * 10) + "\n")
+    header = bytes.fromhex(fn.vendor)[::-1] + bytes.fromhex(fn.device)[::-1]
+    put(d / "config", header + b"\x07\x05\x10\x00" + bytes.fromhex(fn.class_code)[::-1] + bytes(4096 - 12))
+    if bridge:
+        put(d / "secondary_bus_number", "1\n")
+        put(d / "subordinate_bus_number", "1\n")
+        for service in ("pcie001", "pcie002", "pcie010"):  # the port services (AER, hotplug, bandwidth)
+            (d / f"{fn.address}:{service}" / "power").mkdir(parents=True, exist_ok=True)
+    uevent = (
+        (f"DRIVER={fn.driver}\n" if fn.driver else "") + f"PCI_CLASS={cls:04X}\nPCI_ID={fn.vendor.upper()}:{fn.device.upper()}\n"
+        f"PCI_SUBSYS_ID={fn.vendor.upper()}:0000\nPCI_SLOT_NAME={fn.address}\n"
+        f"MODALIAS=pci:v0000{fn.vendor.upper()}d0000{fn.device.upper()}sv0000{fn.vendor.upper()}sd00000000"
+        f"bc{cls >> 16:02X}sc{(cls >> 8) & 0xFF:02X}i{cls & 0xFF:02X}\n"
+    )
+    put(d / "uevent", uevent)
+    for sub in ("power", "msi_irqs", "link"):
+        (d / sub).mkdir(exist_ok=True)
+    for name, value in _POWER.items():
+        put(d / "power" / name, value + "\n")
+    for irq in range(140, 144):
+        put(d / "msi_irqs" / str(irq), "msix\n")
+    for name in ("clkpm", "l0s_aspm", "l1_aspm"):
+        put(d / "link" / name, "0\n")
+    _link(d / "subsystem", sys_root / "bus" / "pci")
+    iommu = sys_root / "devices" / "virtual" / "iommu" / "dmar0"
+    iommu.mkdir(parents=True, exist_ok=True)
+    _link(d / "iommu", iommu)
 
 
 def _link(link: Path, target: Path) -> None:
