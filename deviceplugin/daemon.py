@@ -176,6 +176,7 @@ class Daemon:
         if snapshot != self._last_snapshot:  # usually equal: unchanged records compare by identity
             self._last_snapshot = snapshot
             inventory = discover(snapshot, self.config, self.pci_ids)
+            self.pci_ids.release()  # its answers are kept; the 1.6 MB text is read again only for a new id
             changes = self.pool.update(inventory)
             self.inventory = inventory
             for change in changes:

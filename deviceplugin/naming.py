@@ -40,22 +40,39 @@ class PciIds:
 
     def __init__(self, text: str | bytes = "", path: str | None = None) -> None:
         self.path = path
-        data = text if isinstance(text, bytes) else text.encode("utf-8", "surrogatepass")
-        if b"\r" in data:  # as text mode reads it: universal newlines
-            data = data.replace(b"\r\n", b"\n").replace(b"\r", b"\n")
-        self._text = b"\n" + data  # every entry line, the first too, follows a newline
-        self.version = _header(data[:8192].decode("utf-8", "replace"), "Version")  # "2026.10.24"
+        self._data: bytes | None = _normalized(text)
+        self.version = _header(self._data[:8192].decode("utf-8", "replace"), "Version")  # "2026.10.24"
+        self.empty = _VENDOR_ANY.search(self._data) is None
         self._blocks: dict[str, tuple[str, int, int] | None] = {}  # vendor -> (name, start, end) of its device lines
         self._names: dict[tuple[str, str], str | None] = {}
+        self._vendors: dict[str, str | None] = {}
         self.named: dict[tuple[str, str, str], Naming] = {}  # auto_name's answers: every GPU of a kind asks again
 
+    def release(self) -> None:
+        """Drops the file's text (1.6 MB of a 45 MB daemon) and keeps every answer found so far.
+
+        The daemon calls it after each discovery: a node asks for the same few ids at every rescan, and
+        a new id (a hot-plugged card) reads the file again. Names already given never change with it.
+        """
+        if self.path is not None:
+            self._data = None
+            self._blocks.clear()
+
     @property
-    def empty(self) -> bool:
-        return _VENDOR_ANY.search(self._text) is None
+    def _text(self) -> bytes:
+        if self._data is None:
+            assert self.path is not None
+            try:
+                with open(self.path, "rb") as f:
+                    self._data = _normalized(f.read())
+            except OSError:
+                return b"\n"  # gone or unreadable now: unknown ids fall back to their number, and it is tried again
+        return self._data
 
     def vendor_name(self, vendor: str) -> str | None:
-        block = self._block(vendor)
-        return block[0] if block else None
+        if vendor not in self._vendors:
+            self._block(vendor)
+        return self._vendors.get(vendor)
 
     def device_name(self, vendor: str, device: str) -> str | None:
         key = (vendor, device)
@@ -68,9 +85,11 @@ class PciIds:
         return self._names[key]
 
     def _block(self, vendor: str) -> tuple[str, int, int] | None:
-        vendor = vendor.lower()
         if vendor not in self._blocks:
-            self._blocks[vendor] = self._find(vendor) if _HEX4.fullmatch(vendor) else None
+            block = self._find(vendor.lower()) if _HEX4.fullmatch(vendor) else None
+            self._blocks[vendor] = block
+            if block is not None or vendor not in self._vendors:  # a name found once is kept when the text is released
+                self._vendors[vendor] = block[0] if block else None
         return self._blocks[vendor]
 
     def _find(self, vendor: str) -> tuple[str, int, int] | None:
@@ -97,6 +116,13 @@ class PciIds:
             return at + 1 + len(head)
         m = re.compile(pattern).search(self._text, start, end)  # not there in lower case: any case, or not at all
         return m.end() if m else -1
+
+
+def _normalized(text: str | bytes) -> bytes:
+    data = text if isinstance(text, bytes) else text.encode("utf-8", "surrogatepass")
+    if b"\r" in data:  # as text mode reads it: universal newlines
+        data = data.replace(b"\r\n", b"\n").replace(b"\r", b"\n")
+    return b"\n" + data  # every entry line, the first too, follows a newline
 
 
 def _name(line: bytes) -> str:

@@ -132,3 +132,17 @@ def test_the_first_vendor_of_the_file_and_names_that_are_not_ascii(tmp_path):
     db = load_pci_ids(str(path))
     assert db.vendor_name("0001") == "SafeNet" and db.device_name("0001", "8139") == "AT-2500TX"
     assert db.device_name("1c5c", "c935") == "82С935 [MachOne]" and db.device_name("1c5c", "c936") == "bad \ufffd byte"
+
+
+def test_a_released_database_keeps_its_answers_and_reads_the_file_again_for_a_new_id(tmp_path):
+    path = tmp_path / "pci.ids"
+    path.write_text("10de  NVIDIA Corporation\n\t2484  GA104 [GeForce RTX 3070]\n")
+    db = load_pci_ids(str(path))
+    assert db.device_name("10de", "2484") == "GA104 [GeForce RTX 3070]"
+    db.release()
+    path.write_text("10de  NVIDIA Corporation\n\t2484  renamed\n\t2335  GH100 [H200 SXM 141GB]\n")
+    assert db.device_name("10de", "2484") == "GA104 [GeForce RTX 3070]"  # a name given never changes under a running cluster
+    assert db.device_name("10de", "2335") == "GH100 [H200 SXM 141GB]"  # a hot-plugged id reads the file again
+    db.release()
+    path.unlink()
+    assert db.device_name("10de", "9999") is None and db.vendor_name("10de") == "NVIDIA Corporation"
