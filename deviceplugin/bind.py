@@ -44,7 +44,7 @@ from deviceplugin.discovery import (
 )
 from deviceplugin.hostuse import find_holders, firmware_framebuffer
 from deviceplugin.naming import PciIds
-from deviceplugin.sysfs import NodeSnapshot, PciFunction, SysfsScanner, current_driver, is_vfio_driver, parse_address, read_attr
+from deviceplugin.sysfs import NodeSnapshot, PciFunction, SysfsScanner, current_driver, device_dir, is_vfio_driver, parse_address, read_attr
 
 BIND, RELEASE = "bind", "release"
 DEFAULT_VFIO_DRIVER = "vfio-pci"
@@ -194,7 +194,7 @@ class Report:
 
 
 def _device_path(sysfs: str, address: str, attr: str) -> str:
-    return os.path.join(sysfs, "bus", "pci", "devices", address, attr)
+    return os.path.join(device_dir(sysfs, address), attr)
 
 
 def _driver_path(sysfs: str, driver: str, attr: str = "") -> str:
@@ -269,9 +269,9 @@ def _sriov_checks(g: GroupReport, snapshot: NodeSnapshot) -> list[Check]:
     """Never unbind an SR-IOV physical function that has VFs: the kernel destroys them with it (no override)."""
     checks = []
     for fn in g.functions:
-        vfs = tuple(f.address for f in snapshot.functions if f.physfn == fn.address)
+        vfs = vfs_of(fn, snapshot.functions)  # wherever they are: unbinding the PF destroys them all
         if vfs and not is_vfio_driver(fn.driver):
-            checks.append(Check("sriov-pf", False, blocker_reason(fn, vfs_of(fn, g.functions) or vfs)))
+            checks.append(Check("sriov-pf", False, blocker_reason(fn, vfs)))
     return checks
 
 

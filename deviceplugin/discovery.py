@@ -158,7 +158,7 @@ def blocker_reason(fn: PciFunction, vfs: tuple[str, ...] = ()) -> str:
     """Why this function makes its group not viable, and the fix; `vfs`: its SR-IOV VFs in the same group."""
     if vfs:
         return (
-            f"{describe(fn)} is the SR-IOV physical function of {', '.join(vfs)} in this group, on {fn.driver or 'no driver'}: "
+            f"{describe(fn)} is the SR-IOV physical function of {', '.join(vfs)}, on {fn.driver or 'no driver'}: "
             "a VF cannot be assigned while it shares its IOMMU group with a PF the host uses. Do not unbind the PF: that "
             "destroys every VF and takes the host's device (its network) down. Use a platform or slot whose ACS puts each "
             "VF in its own IOMMU group"

@@ -14,7 +14,7 @@ import os
 import re
 from dataclasses import dataclass
 
-from deviceplugin.sysfs import PciFunction, is_vfio_driver, read_attr
+from deviceplugin.sysfs import PciFunction, device_dir, is_vfio_driver, read_attr
 
 # The names firmware framebuffers give their memory in /proc/iomem (sysfb, efifb, simpledrm, vesafb).
 FIRMWARE_FRAMEBUFFERS = ("BOOTFB", "efifb", "simpledrm", "vesafb")
@@ -47,15 +47,11 @@ def _listdir(path: str) -> list[str]:
         return []
 
 
-def _device_dir(sysfs_root: str, address: str) -> str:
-    return os.path.join(sysfs_root, "bus", "pci", "devices", address)
-
-
 # --- firmware framebuffer -------------------------------------------------------------------------
 def read_bars(sysfs_root: str, address: str) -> list[tuple[int, int]]:
     """The memory ranges of the function (its `resource` file: start end flags, one line per region)."""
     bars = []
-    for line in (read_attr(os.path.join(_device_dir(sysfs_root, address), "resource")) or "").splitlines():
+    for line in (read_attr(os.path.join(device_dir(sysfs_root, address), "resource")) or "").splitlines():
         fields = line.split()
         try:
             start, end = int(fields[0], 16), int(fields[1], 16)
@@ -85,7 +81,7 @@ def iomem_framebuffers(proc_root: str) -> list[tuple[str, int, int]]:
 def framebuffer_consoles(sysfs_root: str, address: str) -> list[str]:
     """/sys/class/graphics/fb* whose device is this function."""
     graphics = os.path.join(sysfs_root, "class", "graphics")
-    mine = os.path.realpath(_device_dir(sysfs_root, address))
+    mine = os.path.realpath(device_dir(sysfs_root, address))
     return [fb for fb in _listdir(graphics) if fb.startswith("fb") and os.path.realpath(os.path.join(graphics, fb, "device")) == mine]
 
 
@@ -106,7 +102,7 @@ def firmware_framebuffer(sysfs_root: str, proc_root: str, address: str) -> str |
 # --- processes ------------------------------------------------------------------------------------
 def device_nodes(sysfs_root: str, proc_root: str, fn: PciFunction, driver: str | None) -> list[str]:
     """The /dev paths through which users hold this function under `driver`, as fnmatch patterns."""
-    base = _device_dir(sysfs_root, fn.address)
+    base = device_dir(sysfs_root, fn.address)
     nodes = [f"/dev/dri/{n}" for n in _listdir(os.path.join(base, "drm")) if _DRM_NODE.match(n)]
     for card in _listdir(os.path.join(base, "sound")):
         if card.startswith("card") and card[4:].isdigit():

@@ -160,9 +160,6 @@ class DevicePool:
     def holdings(self) -> Holdings:
         return self._holdings
 
-    def holds(self) -> dict[str, Hold]:
-        return dict(self._holds)
-
     def wait_for_change(self, resource: str, version: int, timeout: float, cancelled: Callable[[], bool]) -> bool:
         """Blocks until the resource's version moves past `version`; False on timeout, stop or cancel."""
         with self._cond:

@@ -20,27 +20,26 @@ def _holder_json(holder: Holder | None) -> dict[str, str] | None:
     return {"namespace": holder.namespace, "pod": holder.pod, "container": holder.container} if holder else None
 
 
-def group_holders(inv: Inventory, holdings: Holdings) -> dict[str, Holder]:
-    """IOMMU group -> who holds it: the holder of the first of its devices that is held (a group goes to
-    one pod only). One pass over the devices: asking per group made `inspect` quadratic in the groups."""
-    out: dict[str, Holder] = {}
+def holders(inv: Inventory, holdings: Holdings) -> tuple[dict[str, Holder], dict[str, dict[str, Holder]]]:
+    """(IOMMU group -> who holds it, companion resource -> token -> who holds it), in one pass over the devices.
+
+    A group's holder is that of the first of its held devices (a group goes to one pod only). Tokens are
+    fungible: who holds one says nothing about whose function it is, so they are listed per resource.
+    """
+    groups: dict[str, Holder] = {}
+    tokens: dict[str, dict[str, Holder]] = {}
     if not holdings.devices:
-        return out
+        return groups, tokens
     for resource, devices in inv.devices.items():
         for d in devices:
-            if not d.role and d.group not in out and (h := holdings.holder(resource, d.id)) is not None:
-                out[d.group] = h
-    return out
-
-
-def token_holders(inv: Inventory, holdings: Holdings) -> dict[str, dict[str, Holder]]:
-    """companion resource -> token -> holder. Tokens are fungible: who holds one says nothing about whose function it is."""
-    out: dict[str, dict[str, Holder]] = {}
-    for resource, devices in inv.devices.items():
-        for d in devices:
-            if d.role and (h := holdings.holder(resource, d.id)) is not None:
-                out.setdefault(resource, {})[d.id] = h
-    return out
+            h = holdings.holder(resource, d.id)
+            if h is None:
+                continue
+            if d.role:
+                tokens.setdefault(resource, {})[d.id] = h
+            else:
+                groups.setdefault(d.group, h)
+    return groups, tokens
 
 
 def _pod_resources_json(holdings: Holdings) -> dict[str, Any]:
@@ -48,7 +47,7 @@ def _pod_resources_json(holdings: Holdings) -> dict[str, Any]:
 
 
 def inventory_json(inv: Inventory, pci_ids: PciIds, naming: str, holdings: Holdings = NOT_ASKED) -> dict[str, Any]:
-    holders = group_holders(inv, holdings)
+    by_group, by_token = holders(inv, holdings)
     return {
         "version": __version__,
         "host": {
@@ -63,10 +62,10 @@ def inventory_json(inv: Inventory, pci_ids: PciIds, naming: str, holdings: Holdi
             "naming": naming,
             "notes": list(inv.notes),
         },
-        "groups": [_group_json(g, holders.get(g.id)) for g in inv.groups],
+        "groups": [_group_json(g, by_group.get(g.id)) for g in inv.groups],
         "resources": {r: list(ids) for r, ids in inv.offered().items()},
         "pod_resources": _pod_resources_json(holdings),
-        "token_holders": {r: {t: _holder_json(h) for t, h in tokens.items()} for r, tokens in token_holders(inv, holdings).items()},
+        "token_holders": {r: {t: _holder_json(h) for t, h in tokens.items()} for r, tokens in by_token.items()},
         "pools": {r: list(ids) for r, ids in inv.pools.items()},
         "problems": [{"address": p.address, "reason": p.reason, "iommu_group": p.iommu_group} for p in inv.problems],
         "ungrouped": [fn.address for fn in inv.ungrouped],
@@ -140,19 +139,19 @@ def inventory_text(inv: Inventory, pci_ids: PciIds, naming: str, holdings: Holdi
     for resource, ids in offered.items():
         pooled = f" (pools {', '.join(inv.pools[resource])})" if len(inv.pools[resource]) > 1 else ""
         lines.append(f"  {resource}: {len(ids)} -> {', '.join(ids)}{pooled}")
-    for resource, tokens in token_holders(inv, holdings).items():
+    by_group, by_token = holders(inv, holdings)
+    for resource, tokens in by_token.items():
         by_pod = Counter(f"{holder.name} ({holder.container})" for holder in tokens.values())
         held = ", ".join(f"{n} by {pod}" for pod, n in sorted(by_pod.items()))
         lines.append(f"  {resource} tokens held: {held}")
     others = []
-    holders = group_holders(inv, holdings)
     for g in inv.groups:
         if g.primary is None:
             members = ", ".join(f"{fn.address[5:]} {class_name(fn.class_code)} {fn.driver or '-'}" for fn in g.functions)
             others.append(f"{g.id} [{members}]")
             continue
         lines.append("")
-        lines.extend(_group_text(g, holders.get(g.id)))
+        lines.extend(_group_text(g, by_group.get(g.id)))
     if others:
         lines += ["", "Groups with no display controller and nothing on vfio-pci (not candidates):"]
         lines += [f"  group {o}" for o in others]

@@ -23,6 +23,7 @@ import grpc
 from deviceplugin.api.deviceplugin.v1beta1 import api_pb2 as api
 from deviceplugin.api.deviceplugin.v1beta1 import api_pb2_grpc as api_grpc
 from deviceplugin.discovery import Device
+from deviceplugin.files import inode, remove
 from deviceplugin.metrics import Recorder
 from deviceplugin.naming import socket_name
 from deviceplugin.pool import DevicePool, DeviceUnavailable, InvalidRequest, UnknownDevice
@@ -165,19 +166,19 @@ class PluginServer:
         self.serial = 0  # set by start()
 
     def start(self) -> None:
-        _remove(self.socket_path)
+        remove(self.socket_path)
         servicer = DevicePluginServicer(self.resource, self.pool, self.recorder)
         server = grpc.server(futures.ThreadPoolExecutor(max_workers=WORKERS, thread_name_prefix=f"dp-{self.resource}"))
         api_grpc.add_DevicePluginServicer_to_server(servicer, server)
         server.add_insecure_port(f"unix://{self.socket_path}")
         server.start()
         self._server, self._servicer = server, servicer
-        self._inode = _inode(self.socket_path)
+        self._inode = inode(self.socket_path)
         self.serial = next(_starts)
 
     def socket_alive(self) -> bool:
         """False once someone (a restarting kubelet) deleted or replaced our socket."""
-        return self._inode is not None and _inode(self.socket_path) == self._inode
+        return self._inode is not None and inode(self.socket_path) == self._inode
 
     def begin_stop(self, farewell: bool) -> threading.Event | None:
         """Starts stopping; with farewell, open ListAndWatch streams first send an empty list."""
@@ -191,8 +192,8 @@ class PluginServer:
         return server.stop(grace=1.0 if farewell else 0)
 
     def finish_stop(self) -> None:
-        if self._inode is not None and _inode(self.socket_path) == self._inode:
-            _remove(self.socket_path)
+        if self._inode is not None and inode(self.socket_path) == self._inode:
+            remove(self.socket_path)
         self._inode = None
 
     def stop(self, farewell: bool = False) -> None:
@@ -200,17 +201,3 @@ class PluginServer:
         if done is not None:
             done.wait(2.0)
         self.finish_stop()
-
-
-def _inode(path: str) -> int | None:
-    try:
-        return os.stat(path).st_ino
-    except OSError:
-        return None
-
-
-def _remove(path: str) -> None:
-    try:
-        os.unlink(path)
-    except FileNotFoundError:
-        pass

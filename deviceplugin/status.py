@@ -154,21 +154,17 @@ class _HTTPServer(ThreadingHTTPServer):
         # Open connections, oldest first -> still waiting for their request (may be pushed out).
         self._open: dict[socket.socket, bool] = {}
         self._lock = threading.Lock()
-        self.accepted = self.pushed_out = self.turned_away = 0
         super().__init__(address, handler)
 
     def process_request(self, request: Any, client_address: Any) -> None:
         """Gives the connection a thread if there is room, or makes room, or closes it now."""
         with self._lock:
-            self.accepted += 1
             if len(self._open) >= self.limits.max_connections:
                 waiting = next((conn for conn, idle in self._open.items() if idle), None)
                 if waiting is None:
-                    self.turned_away += 1
                     request.close()
                     return
                 del self._open[waiting]
-                self.pushed_out += 1
                 _hang_up(waiting)  # its thread's recv returns at once and the thread ends
             self._open[request] = True
         super().process_request(request, client_address)

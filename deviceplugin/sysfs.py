@@ -401,6 +401,11 @@ def is_vfio_driver(driver: str | None) -> bool:
     return driver is not None and "vfio" in driver
 
 
+def device_dir(sysfs_root: str, address: str) -> str:
+    """A function's entry under bus/pci/devices (a link to its directory below /sys/devices)."""
+    return f"{sysfs_root}/bus/pci/devices/{address}"
+
+
 def current_driver(sysfs_root: str, address: str) -> str | None:
     """One readlink: the Allocate-time recheck. None means unbound (or the function is gone)."""
-    return _link_name(f"{sysfs_root}/bus/pci/devices/{address}/driver")
+    return _link_name(f"{device_dir(sysfs_root, address)}/driver")

@@ -94,12 +94,13 @@ class Harness:
         assert self.kubelet.wait_for(lambda k: set(k.endpoints) >= resources and all(k.endpoints[r].updates for r in resources), timeout)
 
 
-def wait(predicate, timeout: float = 10.0, what=lambda: "condition") -> None:
-    """Polls a condition until a deadline; the message says what never happened."""
+def wait(predicate, timeout: float = 10.0, what=lambda: "condition"):
+    """Polls a condition until a deadline and returns its (truthy) value; the message says what never happened."""
     deadline = time.monotonic() + timeout
-    while not predicate():
+    while not (value := predicate()):
         assert time.monotonic() < deadline, f"timed out waiting for: {what() if callable(what) else what}"
         time.sleep(0.01)
+    return value
 
 
 @pytest.fixture

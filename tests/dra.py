@@ -10,14 +10,13 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import threading
-import time
 import uuid
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+
+from conftest import wait
 
 from deviceplugin.config import Config
 from deviceplugin.daemon import Daemon, Options
@@ -47,18 +46,6 @@ def stop_apiserver(state: str) -> None:
 
 def unique(prefix: str) -> str:
     return f"{prefix}-{uuid.uuid4().hex[:8]}"
-
-
-def wait(predicate: Callable[[], Any], timeout: float = 10.0, interval: float = 0.05) -> Any:
-    """Polls until predicate() is truthy; returns its value, or None at the deadline."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() >= deadline:
-            return None
-        time.sleep(interval)
 
 
 class Cluster:
@@ -188,9 +175,7 @@ class DraHarness:
             devices = self.cluster.devices(self.node_name)
             return devices if set(devices) == expected and self._one_generation() else None
 
-        got = wait(settled, timeout)
-        assert got is not None, f"slice devices {set(self.cluster.devices(self.node_name))}, expected {expected}"
-        return got
+        return wait(settled, timeout, lambda: f"slice devices {set(self.cluster.devices(self.node_name))}, expected {expected}")
 
     def _one_generation(self) -> bool:
         slices = self.cluster.slices(self.node_name)
@@ -209,7 +194,3 @@ class DraHarness:
 def read_json(path: str) -> Any:
     with open(path, encoding="utf-8") as f:
         return json.load(f)
-
-
-def rmtree(path: str) -> None:
-    shutil.rmtree(path, ignore_errors=True)

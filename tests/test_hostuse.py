@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from dataclasses import replace
-
 from deviceplugin.hostuse import device_nodes, find_holders, firmware_framebuffer, iomem_framebuffers, read_bars
 from deviceplugin.sim.node import gpu
 from deviceplugin.sysfs import SysfsScanner
@@ -43,7 +41,7 @@ def test_nothing_identified_says_what_was_looked_for(node):
 def test_the_nodes_of_a_group_on_vfio(node):
     node.add_all(gpu(GPU, "2484", "228b", "13"))
     node.add_vfio_cdev(GPU, "vfio3")
-    fn = replace(function(node, GPU), driver="vfio-pci")
+    fn = function(node, GPU)  # gpu() puts it on vfio-pci
     assert device_nodes(str(node.sys), str(node.proc), fn, "vfio-pci") == ["/dev/vfio/13", "/dev/vfio/devices/vfio3"]
 
 

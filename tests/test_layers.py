@@ -19,7 +19,8 @@ ALLOWED: dict[str, set[str]] = {
     "pool": {"discovery", "naming", "sysfs"},
     "metrics": set(),
     "jsontext": set(),
-    "server": {"discovery", "metrics", "naming", "pool", "api"},
+    "files": set(),
+    "server": {"files", "discovery", "metrics", "naming", "pool", "api"},
     "registration": {"api", "naming"},
     "watch": set(),
     "frontend": {"metrics", "naming", "pool", "registration", "server"},
@@ -37,15 +38,14 @@ ALLOWED: dict[str, set[str]] = {
     "sim.drakubelet": {"api", "dra.kube", "sim.kubelet", "watch"},
     # the DRA mode (deviceplugin/dra/): pure parts below, the API client and the servers above them
     "dra.options": set(),
-    "dra.files": set(),
-    "dra.devices": {"discovery"},
-    "dra.checkpoint": {"dra.files"},
-    "dra.cdi": {"dra.files"},
-    "dra.metadata": {"dra.files"},
-    "dra.view": {"discovery", "dra.checkpoint", "dra.devices"},
+    "dra.devices": {"discovery", "sysfs"},
+    "dra.checkpoint": {"files"},
+    "dra.cdi": {"files"},
+    "dra.metadata": {"files"},
+    "dra.view": {"discovery", "dra.checkpoint", "dra.devices", "dra.options"},
     "dra.kube": set(),
     "dra.slices": {"dra.devices", "dra.kube", "metrics"},
-    "dra.sockets": {"dra.files"},
+    "dra.sockets": {"files"},
     "dra.registration": {"api"},
     "dra.driver": {"api", "dra.cdi", "dra.checkpoint", "dra.devices", "dra.metadata", "dra.options", "metrics", "pool"},
     "dra.frontend": {
@@ -64,7 +64,7 @@ ALLOWED: dict[str, set[str]] = {
         "pool",
     },
     "dra.run": {"dra.frontend", "dra.kube", "dra.options"},
-    "sim.kernel": {"sim.node", "sysfs"},
+    "sim.kernel": {"bind", "sim.node", "sysfs"},
 }
 
 

@@ -18,7 +18,7 @@ from collections import Counter
 
 import grpc
 import pytest
-from conftest import PCI_IDS_PATH, Harness
+from conftest import PCI_IDS_PATH, Harness, wait
 
 from deviceplugin.api.deviceplugin.v1beta1 import api_pb2 as api
 from deviceplugin.config import parse_config
@@ -33,13 +33,6 @@ GPU2 = "0000:02:00.0"
 def two_gpus(node) -> None:
     node.add_all(gpu(GPU1, "2484", "228b", "13", numa_node=0))
     node.add_all(gpu(GPU2, "2484", "228b", "14", numa_node=0))
-
-
-def wait(predicate, timeout: float = 10.0, what: str = "condition") -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.01)
 
 
 @pytest.fixture

@@ -2,21 +2,11 @@
 
 from __future__ import annotations
 
-import time
-
+from conftest import wait
 from test_sim_kubelet import Plugin, R, serve
 
 from deviceplugin.registration import Registrar
 from deviceplugin.sim.kubelet import FakeKubelet
-
-
-def wait(predicate, timeout: float = 10.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.005)
-    return True
 
 
 def test_a_request_repeated_while_its_register_is_in_flight_registers_once(node):

@@ -16,7 +16,7 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from deviceplugin.dra.files import remove, write_json
+from deviceplugin.files import remove, write_json
 
 CDI_VERSION = "0.5.0"
 CDI_CLASS = "vfio"

@@ -15,7 +15,7 @@ import os
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from deviceplugin.dra.files import write_json
+from deviceplugin.files import write_json
 
 log = logging.getLogger(__name__)
 

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from deviceplugin.discovery import Device, GroupReport, Inventory
+from deviceplugin.sysfs import device_dir
 
 PCI_BUS_ID = "resource.kubernetes.io/pciBusID"  # what KubeVirt reads (from the metadata file)
 PCIE_ROOT = "resource.kubernetes.io/pcieRoot"  # for matchAttribute constraints with NICs on the same root
@@ -53,7 +54,7 @@ def pcie_root(sysfs_root: str, address: str) -> str | None:
     one readlink names the root complex. realpath() costs an lstat per path component, a millisecond
     per GPU behind a PCIe switch; it is kept for a link of another shape.
     """
-    link = f"{sysfs_root}/bus/pci/devices/{address}"
+    link = device_dir(sysfs_root, address)
     try:
         target = os.readlink(link)
     except OSError:
@@ -70,7 +71,7 @@ _KERNEL_LINK = "../../../devices/"  # bus/pci/devices/<address> -> ../../../devi
 def _resolved_root(sysfs_root: str, address: str) -> str | None:
     devices = os.path.realpath(os.path.join(sysfs_root, "devices"))
     try:
-        path = os.path.realpath(os.path.join(sysfs_root, "bus", "pci", "devices", address), strict=True)
+        path = os.path.realpath(device_dir(sysfs_root, address), strict=True)
     except OSError:
         return None
     rel = os.path.relpath(path, devices)
@@ -89,13 +90,9 @@ def group_devices(devices: Iterable[Device], groups: Mapping[str, GroupReport], 
         if not device.role:
             by_group[device.group].append(device)
     return [
-        _one(sorted(members, key=lambda d: d.id), groups.get(group), root_of) for group, members in sorted(by_group.items(), key=_group_key)
+        _one(sorted(members, key=lambda d: d.id), groups.get(group), root_of)
+        for group, members in sorted(by_group.items(), key=lambda item: int(item[0]))  # sysfs only reads numeric groups
     ]
-
-
-def _group_key(item: tuple[str, list[Device]]) -> tuple[int, str]:
-    group = item[0]
-    return (int(group), group) if group.isdigit() else (-1, group)
 
 
 def _one(members: list[Device], report: GroupReport | None, root_of: Callable[[str], str | None]) -> DraDevice:
@@ -107,7 +104,7 @@ def _one(members: list[Device], report: GroupReport | None, root_of: Callable[[s
         "vendorID": {"string": vendor},
         "deviceID": {"string": device},
         "resourceName": {"string": primary.resource},
-        "iommuGroup": {"int": int(primary.group) if primary.group.isdigit() else -1},
+        "iommuGroup": {"int": int(primary.group)},
         "numaNode": {"int": primary.numa_node},
         "functions": {"int": len(functions)},
     }

@@ -21,6 +21,7 @@ from typing import Any
 
 from deviceplugin.api.pluginregistration.v1 import api_pb2_grpc as reg_grpc
 from deviceplugin.discovery import Inventory
+from deviceplugin.dra.checkpoint import claims_per_device
 from deviceplugin.dra.devices import DraDevice, group_devices, pcie_root, reports_by_group
 from deviceplugin.dra.driver import Preparer, add_services
 from deviceplugin.dra.kube import KubeApi
@@ -45,14 +46,14 @@ class DraFrontend:
         inventory: Callable[[], Inventory | None],
         notify: Callable[[str], None],
         recorder: Recorder,
-        api: KubeApi | None = None,
+        api: KubeApi,
     ) -> None:
         self.options = options
         self.pool = pool
         self.inventory = inventory
         self.notify = notify
         self.recorder = recorder
-        self.api = api or KubeApi(options.kubeconfig)
+        self.api = api
         self.publisher = SlicePublisher(self.api, options.driver, options.node, recorder)
         self.watcher = SliceWatcher(self.api.clone(), options.node, options.driver, notify)
         self.view: dict[str, DraDevice] = {}  # device name -> device; replaced, never changed in place
@@ -138,16 +139,19 @@ class DraFrontend:
     # --- the view -------------------------------------------------------------------------------
     def _refresh_view(self) -> None:
         inventory = self.inventory()
-        key = (id(inventory), tuple((r, self.pool.devices(r)[0]) for r in self.pool.resources()))
+        published = [(r, *self.pool.devices(r)) for r in self.pool.resources()]
+        # The pool's versions say whether a device changed; the inventory only adds product names, which
+        # a device keeps while it is on the node.
+        key = (inventory is not None, tuple((r, version) for r, version, _ in published))
         if key == self._view_key:
             return  # the common rescan: nothing changed
         self._view_key = key
-        devices = [d for r in self.pool.resources() for d in self.pool.devices(r)[1]]
+        devices = [d for _, _, devs in published for d in devs]
         view = {d.name: d for d in group_devices(devices, reports_by_group(inventory), self._root)}
         _log_changes(self.view, view)
         self.view = view
-        published = sum(1 for d in view.values() if d.healthy)
-        self.recorder.dra_published(published, len(view) - published)
+        healthy = sum(1 for d in view.values() if d.healthy)
+        self.recorder.dra_published(healthy, len(view) - healthy)
 
     def _root(self, address: str) -> str | None:
         if address not in self._roots:
@@ -200,8 +204,6 @@ class DraFrontend:
         return (not problems, "; ".join(problems) or "ok")
 
     def status(self) -> dict[str, Any]:
-        from deviceplugin.dra.checkpoint import claims_per_device
-
         prepared = self.preparer.snapshot()
         doc = view_json(list(self.view.values()), self.options.driver, self.options.node, claims_per_device(prepared))
         since, error = self.registration.state()
@@ -239,9 +241,9 @@ def _log_changes(old: dict[str, DraDevice], new: dict[str, DraDevice]) -> None:
             log.info("offering DRA device %s (IOMMU group %s, %s, %s)", name, b.group, b.resource, b.pci_bus_id)
 
 
-def cleanup(options: DraOptions, recorder: Recorder | None = None) -> int:
+def cleanup(options: DraOptions) -> int:
     """`serve --mode dra --cleanup`: delete this node's ResourceSlices of the driver. Returns how many."""
-    publisher = SlicePublisher(KubeApi(options.kubeconfig), options.driver, options.node, recorder or Recorder())
+    publisher = SlicePublisher(KubeApi(options.kubeconfig), options.driver, options.node, Recorder())
     deleted = publisher.delete_all()
     log.info("deleted %d ResourceSlice(s) of driver %s on node %s", deleted, options.driver, options.node)
     return deleted

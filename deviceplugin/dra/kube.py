@@ -26,9 +26,7 @@ TIMEOUT = 10.0  # a request that takes longer is retried on the next trigger, no
 
 
 class KubeError(RuntimeError):
-    def __init__(self, message: str, code: int | None = None) -> None:
-        super().__init__(message)
-        self.code = code
+    """An API call failed; the message says which call and why."""
 
 
 def _config(kubeconfig: str | None) -> KubeConfig:
@@ -41,7 +39,7 @@ def _config(kubeconfig: str | None) -> KubeConfig:
 
 def _wrap(exc: Exception, what: str) -> KubeError:
     if isinstance(exc, ApiError):
-        return KubeError(f"{what}: {exc.status.code} {exc.status.reason}: {exc.status.message}", exc.status.code)
+        return KubeError(f"{what}: {exc.status.code} {exc.status.reason}: {exc.status.message}")
     return KubeError(f"{what}: {type(exc).__name__}: {exc}")
 
 
@@ -70,15 +68,15 @@ class KubeApi:
         except _ERRORS as exc:
             raise _wrap(exc, f"list ResourceSlices of node {node}") from exc
 
-    def create_slice(self, doc: dict[str, Any]) -> dict[str, Any]:
+    def create_slice(self, doc: dict[str, Any]) -> None:
         try:
-            return self._client.create(from_dict(doc)).to_dict()
+            self._client.create(from_dict(doc))
         except _ERRORS as exc:
             raise _wrap(exc, f"create ResourceSlice {doc['metadata']['name']}") from exc
 
-    def replace_slice(self, doc: dict[str, Any]) -> dict[str, Any]:
+    def replace_slice(self, doc: dict[str, Any]) -> None:
         try:
-            return self._client.replace(from_dict(doc)).to_dict()
+            self._client.replace(from_dict(doc))
         except _ERRORS as exc:
             raise _wrap(exc, f"update ResourceSlice {doc['metadata']['name']}") from exc
 
@@ -91,12 +89,12 @@ class KubeApi:
         except _ERRORS as exc:
             raise _wrap(exc, f"delete ResourceSlice {name}") from exc
 
-    def watch_slices(self, node: str, driver: str, resource_version: str) -> Iterator[tuple[str, dict[str, Any]]]:
-        """(ADDED|MODIFIED|DELETED, slice) from resource_version on; raises KubeError when the watch breaks."""
+    def watch_slices(self, node: str, driver: str, resource_version: str) -> Iterator[str]:
+        """ADDED|MODIFIED|DELETED per change from resource_version on (the caller re-lists); raises KubeError when the watch breaks."""
         fields: dict[str, Any] = {"spec.nodeName": node, "spec.driver": driver}
         try:
-            for kind, obj in self._client.watch(ResourceSlice, fields=fields, resource_version=resource_version):
-                yield kind, obj.to_dict()
+            for kind, _obj in self._client.watch(ResourceSlice, fields=fields, resource_version=resource_version):
+                yield kind
         except _ERRORS as exc:
             raise _wrap(exc, "watch ResourceSlices") from exc
 

@@ -20,7 +20,7 @@ import os
 import shutil
 from typing import Any
 
-from deviceplugin.dra.files import write_atomic
+from deviceplugin.files import write_atomic
 
 API_VERSION = "metadata.resource.k8s.io/v1alpha1"
 KIND = "DeviceMetadata"

@@ -35,11 +35,8 @@ class RegistrationServicer(reg_grpc.RegistrationServicer):
         self._lock = threading.Lock()
         self.registered_since: float | None = None
         self.error: str | None = None
-        self.info_requests = 0
 
     def GetInfo(self, request: reg.InfoRequest, context: grpc.ServicerContext) -> reg.PluginInfo:
-        with self._lock:
-            self.info_requests += 1
         log.debug("kubelet asked for plugin info")
         return reg.PluginInfo(type=PLUGIN_TYPE, name=self.driver, endpoint=self.endpoint, supported_versions=list(SUPPORTED_SERVICES))
 

@@ -160,7 +160,6 @@ class SliceWatcher:
         self.driver = driver
         self.notify = notify
         self._stop = threading.Event()
-        self.connected = threading.Event()
         self._thread = threading.Thread(target=self._run, name="dra-slice-watch", daemon=True)
 
     def start(self) -> None:
@@ -174,15 +173,13 @@ class SliceWatcher:
         while not self._stop.is_set():
             try:
                 _, version = self.api.list_slices(self.node, self.driver)
-                self.connected.set()
                 self.notify("slices")  # whatever happened while we were not watching
-                for _kind, _obj in self.api.watch_slices(self.node, self.driver, version):
+                for _kind in self.api.watch_slices(self.node, self.driver, version):
                     if self._stop.is_set():
                         return
                     failures = 0
                     self.notify("slices")
             except KubeError as exc:
-                self.connected.clear()
                 if self._stop.is_set():
                     return
                 delay = WATCH_BACKOFF[min(failures, len(WATCH_BACKOFF) - 1)]

@@ -13,14 +13,7 @@ from concurrent import futures
 
 import grpc
 
-from deviceplugin.dra.files import remove
-
-
-def inode(path: str) -> int | None:
-    try:
-        return os.stat(path).st_ino
-    except OSError:
-        return None
+from deviceplugin.files import inode, remove
 
 
 class UnixServer:
@@ -57,7 +50,3 @@ class UnixServer:
         if self._inode is not None and inode(self.path) == self._inode:
             remove(self.path)
         self._inode = None
-
-    def restart(self) -> None:
-        self.stop()
-        self.start()

@@ -5,12 +5,12 @@ claims are prepared on which device. `/status` shows it for the running daemon, 
 
 from __future__ import annotations
 
-import os
 from typing import Any
 
 from deviceplugin.discovery import Inventory
 from deviceplugin.dra import checkpoint
 from deviceplugin.dra.devices import DraDevice, inventory_devices
+from deviceplugin.dra.options import DraOptions
 
 
 def view_json(devices: list[DraDevice], driver: str, node: str | None, prepared: dict[str, list[str]]) -> dict[str, Any]:
@@ -39,7 +39,8 @@ def view_json(devices: list[DraDevice], driver: str, node: str | None, prepared:
 
 
 def inspect_view(inventory: Inventory, sysfs_root: str, driver: str, plugins_dir: str, node: str | None) -> dict[str, Any]:
-    prepared = checkpoint.read(checkpoint.checkpoint_path(os.path.join(plugins_dir, driver)))
+    data_dir = DraOptions(driver=driver, plugins_dir=plugins_dir).data_dir
+    prepared = checkpoint.read(checkpoint.checkpoint_path(data_dir))
     return view_json(inventory_devices(inventory, sysfs_root), driver, node, checkpoint.claims_per_device(prepared))
 
 

@@ -14,7 +14,6 @@ It does what the kubelet (1.34+) does with a DRA driver, over the driver's real 
 from __future__ import annotations
 
 import os
-import stat
 import threading
 import time
 from collections.abc import Callable, Iterable
@@ -30,7 +29,7 @@ from deviceplugin.api.dra.v1beta1 import api_pb2_grpc as v1beta1_grpc
 from deviceplugin.api.pluginregistration.v1 import api_pb2 as reg
 from deviceplugin.api.pluginregistration.v1 import api_pb2_grpc as reg_grpc
 from deviceplugin.dra.kube import KubeApi
-from deviceplugin.sim.kubelet import wait_on
+from deviceplugin.sim.kubelet import is_socket, wait_on
 from deviceplugin.watch import IN_CREATE, IN_DELETE, Inotify
 
 SERVICES: dict[str, tuple[Any, Any]] = {"v1.DRAPlugin": (v1, v1_grpc), "v1beta1.DRAPlugin": (v1beta1, v1beta1_grpc)}
@@ -113,7 +112,7 @@ class DraKubelet:
 
     # --- the plugin watcher ---------------------------------------------------------------------
     def _register(self, path: str) -> None:
-        if not _is_socket(path):
+        if not is_socket(path):
             return
         try:
             with grpc.insecure_channel(f"unix://{path}") as channel:
@@ -212,10 +211,3 @@ class DraKubelet:
     def registered(self, driver: str) -> bool:
         with self._cond:
             return driver in self.plugins
-
-
-def _is_socket(path: str) -> bool:
-    try:
-        return stat.S_ISSOCK(os.lstat(path).st_mode)
-    except OSError:
-        return False

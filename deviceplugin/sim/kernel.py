@@ -34,10 +34,10 @@ from collections import defaultdict
 from collections.abc import Iterator
 from contextlib import contextmanager
 
+from deviceplugin.bind import NO_OVERRIDE
 from deviceplugin.sim.node import FakeNode
 from deviceplugin.sysfs import ADDRESS_RE, is_vfio_driver
 
-NO_OVERRIDE = "(null)"
 _DRIVER_ATTRS = ("bind", "unbind", "new_id")
 
 

@@ -121,7 +121,7 @@ class FakeKubelet:
         self.stop()
         for name in os.listdir(self.plugin_dir):
             path = os.path.join(self.plugin_dir, name)
-            if name.endswith(".sock") or _is_socket(path):
+            if name.endswith(".sock") or is_socket(path):
                 os.unlink(path)
         self.start()
 
@@ -277,7 +277,7 @@ def _close(ep: Endpoint) -> None:
     ep.channel.close()
 
 
-def _is_socket(path: str) -> bool:
+def is_socket(path: str) -> bool:
     import stat
 
     try:

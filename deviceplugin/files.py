@@ -1,7 +1,9 @@
-"""Atomic file writes for the files the container runtime and the next plugin instance read.
+"""Small file operations shared by the front ends: atomic writes, and the socket files they own.
 
 CDI specs, metadata files and the checkpoint are written to a temporary file in the same directory and
-renamed into place, so a reader (containerd's CDI cache, a restarted plugin) never sees half a file.
+renamed into place, so a reader (containerd's CDI cache, a restarted plugin) never sees half a file. A
+socket's inode tells whether the file at its path is still the one we created (a restarting kubelet
+deletes and recreates the files in its directories).
 """
 
 from __future__ import annotations
@@ -41,3 +43,10 @@ def remove(path: str) -> None:
         os.unlink(path)
     except FileNotFoundError:
         pass
+
+
+def inode(path: str) -> int | None:
+    try:
+        return os.stat(path).st_ino
+    except OSError:
+        return None
